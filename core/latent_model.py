@@ -1,0 +1,175 @@
+"""The latent model: its data, its settings, what a fit returns, and what every backend must do.
+
+The model itself is the Stan program `latent_model.stan` beside this file; every
+backend (registered through the `perceptcore_register_backends` hook) computes the
+posterior of that same log density.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import attrs
+import numpy as np
+
+PARAMETERISATIONS = ("random_walk", "independent")
+METHODS = ("advi", "nuts", "pathfinder")
+
+
+def stan_file() -> Path:
+    """Path of the Stan program shipped inside the package."""
+    return Path(str(resources.files("perceptcore") / "latent_model.stan"))
+
+
+@attrs.frozen
+class Priors:
+    """Prior standard deviations of the four latent variables (all N(0, sd))."""
+
+    b: float = 1.0
+    mu: float = 1.0
+    gamma: float = 1.0
+    nu: float = 1.0
+
+
+@attrs.frozen(eq=False)
+class LatentModelData:
+    """One observer group's predictions in index form (0-based here, 1-based for Stan)."""
+
+    n_cases: int
+    n_readers: int
+    n_severities: int
+    n_groups: int
+    case_group: np.ndarray  # (N,) subgroup index of each case
+    reader: np.ndarray  # (M,) observer index of each prediction
+    severity: np.ndarray  # (M,) severity index, 0 = unperturbed reference
+    case: np.ndarray  # (M,) case index
+    prediction: np.ndarray  # (M,) float, 0/1 calls or probabilities
+    soft: bool  # True: probabilities (soft Bernoulli); False: 0/1 calls
+    parameterisation: str = "random_walk"
+    priors: Priors = Priors()
+
+    def __attrs_post_init__(self):
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"unknown parameterisation {self.parameterisation!r}")
+
+    @property
+    def n_predictions(self) -> int:
+        return int(self.prediction.shape[0])
+
+    def with_parameterisation(self, parameterisation: str) -> "LatentModelData":
+        return attrs.evolve(self, parameterisation=parameterisation)
+
+    def stan_data(self) -> dict:
+        """The data block of `latent_model.stan`."""
+        return {
+            "N": self.n_cases,
+            "R": self.n_readers,
+            "S": self.n_severities,
+            "G": self.n_groups,
+            "M": self.n_predictions,
+            "group": (self.case_group + 1).astype(int).tolist(),
+            "reader": (self.reader + 1).astype(int).tolist(),
+            "severity": (self.severity + 1).astype(int).tolist(),
+            "case_id": (self.case + 1).astype(int).tolist(),
+            "soft": int(self.soft),
+            "y": [] if self.soft else np.rint(self.prediction).astype(int).tolist(),
+            "z": self.prediction.astype(float).tolist() if self.soft else [],
+            "random_walk": int(self.parameterisation == "random_walk"),
+            "prior_sd_b": float(self.priors.b),
+            "prior_sd_mu": float(self.priors.mu),
+            "prior_sd_gamma": float(self.priors.gamma),
+            "prior_sd_nu": float(self.priors.nu),
+        }
+
+
+@attrs.frozen
+class FitSettings:
+    """How to fit: validated by the spec before anything runs."""
+
+    method: str = "advi"
+    draws: int = 1000
+    seed: int = 0
+    # Variational inference: stop when the relative change of the smoothed ELBO
+    # stays below `tolerance` (see the backend's convergence_note), or at max_iterations.
+    max_iterations: int = 20000
+    tolerance: float = 1e-4
+    # NUTS
+    chains: int = 4
+    warmup: int = 1000
+
+
+@attrs.frozen(eq=False)
+class Fit:
+    """One posterior of the latent model, and how it was obtained.
+
+    `draws` are joint draws of the posterior (or of its approximation), keyed by
+    variable: b (D, G), mu (D, N), gamma (D, S, G) with gamma[:, 0, :] == 0,
+    nu (D, R, G).
+    """
+
+    backend: str
+    method: str
+    parameterisation: str
+    draws: dict
+    elbo: float  # estimate of the ELBO at the optimum (nan where not defined)
+    converged: bool
+    convergence_note: str  # how convergence was judged and what was seen
+    elbo_trace: np.ndarray = attrs.field(factory=lambda: np.empty((0, 2)))  # (iteration, ELBO) rows
+    diagnostics: dict = attrs.field(factory=dict)  # e.g. max_rhat, min_ess_bulk for NUTS
+    seconds: float = float("nan")
+
+    @property
+    def n_draws(self) -> int:
+        return int(self.draws["b"].shape[0])
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An inference backend for the latent model.
+
+    name: how specs refer to it; methods: the subset of METHODS it runs;
+    priority: `backend: auto` picks the available backend with the highest priority.
+    """
+
+    name: str
+    methods: tuple
+    priority: int
+
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can run here, else why not (shown to the user)."""
+
+    def fit(self, data: LatentModelData, settings: FitSettings, progress: Callable[[str], None]) -> Fit:
+        """Fit the model; call progress(message) now and then during long work."""
+
+
+def predictive_probability(fit: Fit, data: LatentModelData, chunk: int = 100) -> np.ndarray:
+    """Posterior-predictive P(y = 1) for every observer x severity x case, shape (R, S, N).
+
+    Averages inv_logit(b[g] + mu[n] + gamma[s, g] + nu[r, g]) over the *joint* draws,
+    so cells no observer read (the sparse reader-study design) are filled in too.
+    """
+    g = data.case_group
+    b, mu, gamma, nu = (fit.draws[k] for k in ("b", "mu", "gamma", "nu"))
+    total = np.zeros((data.n_readers, data.n_severities, data.n_cases))
+    for start in range(0, fit.n_draws, chunk):
+        sl = slice(start, start + chunk)
+        case_part = b[sl][:, g] + mu[sl]  # (d, N)
+        gamma_part = gamma[sl][:, :, g]  # (d, S, N)
+        nu_part = nu[sl][:, :, g]  # (d, R, N)
+        eta = case_part[:, None, None, :] + gamma_part[:, None, :, :] + nu_part[:, :, None, :]
+        total += _inv_logit(eta).sum(axis=0)
+    return total / fit.n_draws
+
+
+def _inv_logit(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def normal_tail_above_zero(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """P(x > 0) under N(mean, sd): the paper's P(gamma > 0) summary."""
+    mean = np.asarray(mean, dtype=float)
+    sd = np.asarray(sd, dtype=float)
+    return 0.5 * np.vectorize(math.erfc)(-mean / (sd * math.sqrt(2.0)))

@@ -1,0 +1,330 @@
+"""A study run: validated inputs, latent-model fits, analysis tables, and the files they become.
+
+`Study` owns everything a run produces. Metrics (plugins) ask it for what they need —
+posteriors, posterior-predictive probabilities, observed predictions, other metrics'
+tables — and it computes each thing once, on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .data import Cases, ObserverGroup, RoiPredictions, load_cases, load_observer_group, load_roi_published, load_roi_tidy
+from .errors import PerceptcoreError
+from .latent_model import Fit, FitSettings, LatentModelData, predictive_probability
+from .plugins import Registry
+from .spec import Spec
+
+
+@attrs.frozen(eq=False)
+class Grouping:
+    """How cases are grouped for one latent-model fit.
+
+    `split` keeps the definition's subgroups; `merged` joins the analysed ones into one
+    (named with '+'), for the Simpson's-paradox check. `analysed` are the subgroups
+    reported; `group_names[case_group[n]]` is case n's group.
+    """
+
+    name: str
+    analysed: tuple
+    group_names: tuple
+    case_group: np.ndarray
+
+    def members(self, subgroup: str) -> np.ndarray:
+        return self.case_group == self.group_names.index(subgroup)
+
+
+def _progress_to_stderr(message: str) -> None:
+    print(f"[perceptcore] {message}", file=sys.stderr, flush=True)
+
+
+class Study:
+    """One study: its spec, its data, and every result computed from them."""
+
+    def __init__(self, spec: Spec, registry: Registry, progress: Callable[[str], None] = _progress_to_stderr):
+        self.spec = spec
+        self.registry = registry
+        self.progress = progress
+        self.severities = spec.severities.levels
+        self.alpha = spec.analyses.alpha
+        self.metrics = [registry.get("metric", name, f"analyses.metrics[{i}]")
+                        for i, name in enumerate(spec.analyses.metrics)]
+        self.backend = self._resolve_backend()
+        self.cases, self.subgroup = self._load_cases()
+        self.observers = {
+            o.name: load_observer_group(o.name, spec.path(o.predictions), o.likelihood, o.columns, self.cases,
+                                        self.severities, f"observers[{i}].predictions")
+            for i, o in enumerate(spec.observers)
+        }
+        self.roi = self._load_roi()
+        self.groupings = self._groupings()
+        for i, metric in enumerate(self.metrics):
+            check = getattr(metric, "check", None)
+            if check is not None:
+                check(self, f"analyses.metrics[{i}]")
+        self._fits: dict = {}
+        self._selected: dict = {}
+        self._predictive: dict = {}
+        self._tables: dict = {}
+        self._computing: set = set()
+
+    # ------------------------------------------------------------------ loading
+
+    def _resolve_backend(self):
+        model = self.spec.model
+        if model.backend == "auto":
+            candidates = sorted(self.registry.all("backend"), key=lambda item: -item.obj.priority)
+            usable = [c.obj for c in candidates if model.method in c.obj.methods and c.obj.unavailable_reason() is None]
+            if not usable:
+                raise PerceptcoreError(f"no installed backend can run method {model.method!r} here", "model.backend")
+            return usable[0]
+        backend = self.registry.get("backend", model.backend, "model.backend")
+        if model.method not in backend.methods:
+            raise PerceptcoreError(
+                f"backend {backend.name!r} does not run method {model.method!r} (it runs {', '.join(backend.methods)})",
+                "model.method",
+            )
+        reason = backend.unavailable_reason()
+        if reason:
+            raise PerceptcoreError(f"backend {backend.name!r} cannot run here: {reason}", "model.backend")
+        return backend
+
+    def _load_cases(self) -> tuple[Cases, np.ndarray]:
+        spec = self.spec
+        section = spec.cases
+        cases = load_cases(spec.path(section.file), section.id, section.label, section.positive, "cases.file")
+        definition = self.registry.get("subgroups", spec.subgroups.definition, "subgroups.definition")
+        subgroup = np.asarray(definition.assign(cases.table, dict(spec.subgroups.options), "subgroups.options"), dtype=str)
+        if subgroup.shape != (len(cases),):
+            raise PerceptcoreError(f"subgroup definition {definition.name!r} returned {subgroup.shape[0]} labels "
+                                   f"for {len(cases)} cases", "subgroups.definition")
+        known = tuple(definition.subgroups)
+        unknown = sorted(set(subgroup) - set(known))
+        if unknown:
+            raise PerceptcoreError(f"subgroup definition {definition.name!r} produced unknown subgroup {unknown[0]!r}",
+                                   "subgroups.definition")
+        for i, name in enumerate(spec.subgroups.analyse):
+            where = f"subgroups.analyse[{i}]"
+            if name not in known:
+                raise PerceptcoreError(f"{definition.name!r} has no subgroup {name!r}; its subgroups are "
+                                       f"{', '.join(known)}", where)
+            members = subgroup == name
+            if not members.any():
+                raise PerceptcoreError(f"subgroup {name!r} has no cases", where)
+            if not cases.positive[members].any():
+                raise PerceptcoreError(f"subgroup {name!r} has no {cases.positive_label} cases, so class "
+                                       "separability is undefined", where)
+        if cases.positive.all():
+            raise PerceptcoreError(f"every case is {cases.positive_label}; there is nothing to separate them from",
+                                   "cases.file")
+        return cases, subgroup
+
+    def _load_roi(self) -> RoiPredictions | None:
+        roi = self.spec.roi
+        if roi is None:
+            return None
+        if roi.predictions is not None:
+            return load_roi_tidy(self.spec.path(roi.predictions), roi.columns, self.cases, self.severities,
+                                 "roi.predictions")
+        return load_roi_published(self.spec.path(roi.interior), self.spec.path(roi.exterior),
+                                  self.spec.path(roi.exams), self.cases, len(self.severities), "roi")
+
+    def _groupings(self) -> list[Grouping]:
+        definition = self.registry.get("subgroups", self.spec.subgroups.definition, "subgroups.definition")
+        present = [name for name in definition.subgroups if (self.subgroup == name).any()]
+        analysed = tuple(self.spec.subgroups.analyse)
+        split = Grouping("split", analysed, tuple(present),
+                         np.asarray([present.index(s) for s in self.subgroup]))
+        groupings = [split]
+        if len(analysed) > 1:
+            merged_name = "+".join(analysed)
+            names = [merged_name] + [s for s in present if s not in analysed]
+            case_group = np.asarray([0 if s in analysed else names.index(s) for s in self.subgroup])
+            groupings.append(Grouping("merged", (merged_name,), tuple(names), case_group))
+        return groupings
+
+    def grouping(self, name: str) -> Grouping:
+        return next(g for g in self.groupings if g.name == name)
+
+    # ------------------------------------------------------------------ the latent model
+
+    def model_data(self, observer: str, grouping: Grouping, parameterisation: str) -> LatentModelData:
+        group = self.observers[observer]
+        r, s, n = np.nonzero(np.isfinite(group.values))
+        return LatentModelData(
+            n_cases=len(self.cases), n_readers=len(group.readers), n_severities=len(self.severities),
+            n_groups=len(grouping.group_names), case_group=grouping.case_group,
+            reader=r, severity=s, case=n, prediction=group.values[r, s, n], soft=group.soft,
+            parameterisation=parameterisation, priors=self.spec.model.priors,
+        )
+
+    def fit_settings(self) -> FitSettings:
+        m = self.spec.model
+        return FitSettings(method=m.method, draws=m.draws, seed=self.spec.fit_seed, max_iterations=m.max_iterations,
+                           tolerance=m.tolerance, chains=m.chains, warmup=m.warmup)
+
+    def posterior(self, observer: str, grouping: Grouping) -> Fit:
+        """The fit of the parameterisation with the highest ELBO (fitting every listed one once)."""
+        key = (observer, grouping.name)
+        if key not in self._selected:
+            fits = {}
+            for parameterisation in self.spec.model.parameterisations:
+                started = time.perf_counter()
+                self.progress(f"fitting {observer} ({grouping.name} subgroups, {parameterisation}) "
+                              f"with {self.backend.name} {self.spec.model.method}")
+                fit = self.backend.fit(self.model_data(observer, grouping, parameterisation), self.fit_settings(),
+                                       self.progress)
+                fits[parameterisation] = fit
+                self._fits[key + (parameterisation,)] = fit
+                state = "converged" if fit.converged else "DID NOT CONVERGE"
+                self.progress(f"  ELBO {fit.elbo:.1f}, {state}, {time.perf_counter() - started:.1f} s")
+            self._selected[key] = max(fits.values(), key=lambda f: (np.nan_to_num(f.elbo, nan=-np.inf)))
+        return self._selected[key]
+
+    def predictive(self, observer: str, grouping: Grouping) -> np.ndarray:
+        """Posterior-predictive P(positive call), (observers x severities x cases), from joint draws."""
+        key = (observer, grouping.name)
+        if key not in self._predictive:
+            fit = self.posterior(observer, grouping)
+            self._predictive[key] = predictive_probability(fit, self.model_data(observer, grouping, fit.parameterisation))
+        return self._predictive[key]
+
+    def fit_records(self) -> pd.DataFrame:
+        """One row per fit: which backend/method/parameterisation, its ELBO, convergence, and selection."""
+        rows = []
+        for (observer, grouping, parameterisation), fit in self._fits.items():
+            rows.append({
+                "observer": observer, "grouping": grouping, "parameterisation": parameterisation,
+                "backend": fit.backend, "method": fit.method, "elbo": fit.elbo,
+                "selected": self._selected.get((observer, grouping)) is fit,
+                "converged": fit.converged, "convergence": fit.convergence_note, "seconds": round(fit.seconds, 2),
+                **{k: v for k, v in fit.diagnostics.items() if np.isscalar(v)},
+            })
+        return pd.DataFrame(rows)
+
+    def fits(self) -> dict:
+        return dict(self._fits)
+
+    # ------------------------------------------------------------------ analyses
+
+    def table(self, name: str) -> pd.DataFrame:
+        """An analysis table, computed (once) by the metric that declares it."""
+        if name not in self._tables:
+            metric = self._metric_for(name)
+            if metric.name in self._computing:
+                raise PerceptcoreError(f"metric {metric.name!r} depends on its own table {name!r}", "analyses.metrics")
+            self._computing.add(metric.name)
+            try:
+                produced = metric.compute(self)
+            finally:
+                self._computing.discard(metric.name)
+            for table_name, columns in metric.outputs.items():
+                table = produced.get(table_name)
+                if table is None or list(table.columns) != list(columns):
+                    got = "nothing" if table is None else f"columns {list(table.columns)}"
+                    raise PerceptcoreError(f"metric {metric.name!r} returned {got} for table {table_name!r}; "
+                                           f"declared columns are {list(columns)}", "analyses.metrics")
+                self._tables[table_name] = table.reset_index(drop=True)
+        return self._tables[name]
+
+    def _metric_for(self, table_name: str):
+        for item in self.registry.all("metric"):
+            if table_name in item.obj.outputs:
+                return item.obj
+        raise PerceptcoreError(f"no metric produces a table named {table_name!r}", "analyses.metrics")
+
+    def compute_all(self) -> dict[str, pd.DataFrame]:
+        for metric in self.metrics:
+            for table_name in metric.outputs:
+                self.table(table_name)
+        return dict(self._tables)
+
+    # ------------------------------------------------------------------ outputs
+
+    def write(self, out_dir: Path) -> Path:
+        """Compute everything and write it to out_dir; nothing appears there unless all of it succeeded."""
+        from . import report  # matplotlib is imported only when a run writes figures
+
+        started = time.perf_counter()
+        out_dir = Path(out_dir).resolve()
+        _check_out_dir(out_dir)
+        tables = self.compute_all()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            files = []
+            for name, table in tables.items():
+                table.to_csv(staging / f"{name}.csv", index=False)
+                files.append(f"{name}.csv")
+            fit_table = self.fit_records()
+            fit_table.to_csv(staging / "fit_diagnostics.csv", index=False)
+            files.append("fit_diagnostics.csv")
+            files += self._write_posteriors(staging)
+            self.progress("drawing figures and the report")
+            files += report.write(self, tables, fit_table, staging)
+            manifest = self._manifest(files, time.perf_counter() - started)
+            (staging / "run.json").write_text(json.dumps(manifest, indent=2, default=str))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            staging.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return out_dir
+
+    def _write_posteriors(self, staging: Path) -> list[str]:
+        folder = staging / "posterior"
+        folder.mkdir()
+        files = []
+        for (observer, grouping), fit in self._selected.items():
+            name = f"posterior/{observer}_{grouping}.npz"
+            group = self.observers[observer]
+            np.savez_compressed(
+                staging / name,
+                **{k: np.asarray(v) for k, v in fit.draws.items()},
+                readers=np.asarray(group.readers), severities=np.asarray(self.severities),
+                cases=np.asarray(self.cases.ids), groups=np.asarray(self.grouping(grouping).group_names),
+                backend=fit.backend, method=fit.method, parameterisation=fit.parameterisation,
+            )
+            files.append(name)
+        return files
+
+    def _manifest(self, files, seconds) -> dict:
+        fits = self.fit_records()
+        return {
+            "study": self.spec.study.name,
+            "spec": self.spec.source,
+            "perceptcore": __version__,
+            "python": platform.python_version(),
+            "backend": self.backend.name,
+            "method": self.spec.model.method,
+            "seed": self.spec.fit_seed,
+            "parameterisations": list(self.spec.model.parameterisations),
+            "all_fits_converged": bool(fits["converged"].all()) if len(fits) else True,
+            "seconds": round(seconds, 1),
+            "outputs": sorted(files + ["run.json"]),
+        }
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not an earlier perceptcore run."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "run.json").exists())):
+        raise PerceptcoreError("exists and is not an earlier perceptcore run; choose another --out", str(out_dir))
+
+
+def default_out_dir(spec: Spec) -> Path:
+    if spec.outputs.dir:
+        return Path(spec.base) / spec.outputs.dir
+    return Path.cwd() / "perceptcore-runs" / spec.study.name

@@ -1,0 +1,48 @@
+"""Class separability: KS distance between predictions on positive cases of a subgroup and on all negatives.
+
+From the latent model's posterior-predictive probabilities (which fill in the cells a
+sparse reader study left empty), and, for observers that predicted every cell, from
+their observed predictions as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from perceptcore.plugins import hookimpl
+from perceptcore.stats import ks_statistic, separability_summary
+
+COLUMNS = ("observer", "subgroup", "severity", "ks_mean", "ks_sd", "ks_pvalue")
+
+
+class KsSeparability:
+    name = "ks_separability"
+    outputs = {"class_separability": COLUMNS, "class_separability_observed": COLUMNS}
+
+    def compute(self, study):
+        negative = ~study.cases.positive
+        modelled, observed = [], []
+        for grouping in study.groupings:
+            for observer, group in study.observers.items():
+                predictive = study.predictive(observer, grouping)
+                for subgroup in grouping.analysed:
+                    positive = study.cases.positive & grouping.members(subgroup)
+                    modelled += _rows(observer, subgroup, study.severities, predictive, positive, negative)
+                    if group.dense:
+                        observed += _rows(observer, subgroup, study.severities, group.values, positive, negative)
+        return {
+            "class_separability": pd.DataFrame(modelled, columns=COLUMNS),
+            "class_separability_observed": pd.DataFrame(observed, columns=COLUMNS),
+        }
+
+
+def _rows(observer, subgroup, severities, predictions, positive, negative):
+    ks = ks_statistic(predictions[..., positive], predictions[..., negative])  # (observers, severities)
+    mean, sd, pvalue = separability_summary(ks)
+    return [(observer, subgroup, label, mean[s], sd[s], pvalue[s]) for s, label in enumerate(severities)]
+
+
+@hookimpl
+def perceptcore_register_metrics(register):
+    register(KsSeparability())

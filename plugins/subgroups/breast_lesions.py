@@ -1,0 +1,113 @@
+"""Breast-level lesion subgroups of the perception-comparison study.
+
+Five mutually exclusive subgroups, so that every breast is used by the latent model:
+microcalcifications (biopsied, visible only as calcifications), soft_tissue_lesions
+(masses, asymmetries, architectural distortions only), mixed (both kinds), occult
+(biopsied, nothing visible) and nonbiopsied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from perceptcore.errors import PerceptcoreError
+from perceptcore.plugins import hookimpl
+
+SUBGROUPS = ("microcalcifications", "soft_tissue_lesions", "mixed", "occult", "nonbiopsied")
+CALCIFICATION = "calcification"
+SOFT_TISSUE = ("mass", "asymmetry", "architectural_distortion")
+TRUE_WORDS = {"1", "true", "yes", "y", "t"}
+FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
+
+
+class BreastLesions:
+    name = "breast_lesions"
+    subgroups = SUBGROUPS
+    options_help = {
+        "column": "an existing column holding one of the five subgroup names per breast "
+        "(default: `subgroup` when the cases table has it)",
+        "findings": "columns of the visible lesion types, mapping calcification / mass / asymmetry / "
+        "architectural_distortion to column names (default: columns of those names)",
+        "biopsied": "a yes/no column saying whether the breast was biopsied "
+        "(default: `biopsied` when present, else label malignant or benign)",
+    }
+
+    def assign(self, cases: pd.DataFrame, options: dict, where: str) -> np.ndarray:
+        unknown = set(options) - set(self.options_help)
+        if unknown:
+            raise PerceptcoreError(
+                f"unknown option {sorted(unknown)[0]!r} for breast_lesions; expected {', '.join(self.options_help)}",
+                f"{where}.{sorted(unknown)[0]}",
+            )
+        column = options.get("column", "subgroup" if "subgroup" in cases.columns and "findings" not in options else None)
+        if column is not None:
+            return self._from_column(cases, column, where)
+        return self._from_findings(cases, options, where)
+
+    def _from_column(self, cases, column, where):
+        if column not in cases.columns:
+            raise PerceptcoreError(
+                f"the cases table has no column {column!r} (columns: {', '.join(cases.columns)})", f"{where}.column"
+            )
+        values = cases[column].astype(str).str.strip().to_numpy()
+        bad = ~np.isin(values, SUBGROUPS)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise PerceptcoreError(
+                f"case {cases['case'].iloc[i]!r} has subgroup {values[i]!r} in column {column!r}; "
+                f"expected one of {', '.join(SUBGROUPS)}",
+                f"{where}.column",
+            )
+        return values
+
+    def _from_findings(self, cases, options, where):
+        columns = {kind: kind for kind in (CALCIFICATION, *SOFT_TISSUE)}
+        findings = options.get("findings", {})
+        if not isinstance(findings, dict):
+            raise PerceptcoreError("expected a mapping from lesion type to column", f"{where}.findings")
+        for kind, column in findings.items():
+            if kind not in columns:
+                raise PerceptcoreError(
+                    f"unknown lesion type {kind!r}; expected {', '.join(columns)}", f"{where}.findings.{kind}"
+                )
+            columns[kind] = column
+        missing = [c for c in columns.values() if c not in cases.columns]
+        if missing:
+            raise PerceptcoreError(
+                f"the cases table lacks finding column(s) {', '.join(map(repr, missing))} and no subgroup "
+                f"column was given (columns: {', '.join(cases.columns)})",
+                f"{where}.findings",
+            )
+        flags = {kind: _yes_no(cases, column, f"{where}.findings.{kind}") for kind, column in columns.items()}
+        biopsied_column = options.get("biopsied", "biopsied" if "biopsied" in cases.columns else None)
+        if biopsied_column is None:
+            biopsied = cases["label"].isin(["malignant", "benign"]).to_numpy()
+        elif biopsied_column not in cases.columns:
+            raise PerceptcoreError(f"the cases table has no column {biopsied_column!r}", f"{where}.biopsied")
+        else:
+            biopsied = _yes_no(cases, biopsied_column, f"{where}.biopsied")
+        calcified = flags[CALCIFICATION]
+        soft = np.logical_or.reduce([flags[kind] for kind in SOFT_TISSUE])
+        return np.select(
+            [~biopsied, calcified & soft, calcified, soft],
+            ["nonbiopsied", "mixed", "microcalcifications", "soft_tissue_lesions"],
+            default="occult",
+        )
+
+
+def _yes_no(cases, column, where) -> np.ndarray:
+    words = cases[column].astype(str).str.strip().str.lower()
+    bad = ~words.isin(TRUE_WORDS | FALSE_WORDS)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise PerceptcoreError(
+            f"case {cases['case'].iloc[i]!r}: {str(cases[column].iloc[i])!r} in column {column!r} is not yes/no (1/0)",
+            where,
+        )
+    return words.isin(TRUE_WORDS).to_numpy()
+
+
+@hookimpl
+def perceptcore_register_subgroups(register):
+    register(BreastLesions())

@@ -1,0 +1,149 @@
+"""The GMIC arm of the published perception-comparison study, reproduced from its published data.
+
+Runs examples/perception_comparison/gmic.yaml through the CLI on ../shared/data (skipped
+when that folder is absent) and checks what the published data supports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from perceptcore.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "perception_comparison"
+LEVELS = ["0", "0.17", "0.22", "0.33", "0.5", "0.67", "1", "2", "4"]
+MICRO, SOFT = "microcalcifications", "soft_tissue_lesions"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    if not (SHARED / "published" / "exam_info.csv").exists():
+        pytest.skip(f"the published perception-comparison data is not at {SHARED}")
+    out = tmp_path_factory.mktemp("gmic") / "run"
+    code = main(["run", str(ROOT / "examples/perception_comparison/gmic.yaml"),
+                 "--set", f"data_dir={SHARED / 'published'}", "--set", "model.backend=torch", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def _table(run_dir, name):
+    return pd.read_csv(run_dir / f"{name}.csv", dtype={"severity": str})
+
+
+def _series(table, observer, subgroup, column):
+    rows = table[(table.observer == observer) & (table.subgroup == subgroup)]
+    return rows.set_index("severity")[column]
+
+
+def test_outputs_follow_the_documented_schema(run_dir):
+    expected = {
+        "predictive_confidence": ["observer", "subgroup", "severity", "gamma_mean", "gamma_sd", "p_gamma_gt0"],
+        "class_separability": ["observer", "subgroup", "severity", "ks_mean", "ks_sd", "ks_pvalue"],
+        "roi_separability": ["observer", "subgroup", "region", "severity", "ks_mean", "ks_sd", "ks_pvalue"],
+    }
+    for name, columns in expected.items():
+        assert list(_table(run_dir, name).columns) == columns
+    confidence = _table(run_dir, "predictive_confidence")
+    assert set(confidence.observer) == {"radiologists", "gmic_trained_unperturbed", "gmic_trained_filtered"}
+    assert set(confidence.subgroup) == {MICRO, SOFT, f"{MICRO}+{SOFT}"}
+    assert list(_series(confidence, "radiologists", MICRO, "gamma_mean").index) == LEVELS[1:]
+    for stem in ("fig4_microcalcifications", "fig4_soft_tissue_lesions", "fig5_roi", "fig6_merged"):
+        for fmt in ("png", "svg"):
+            assert (run_dir / f"{stem}.{fmt}").stat().st_size > 0
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["backend"] == "torch" and manifest["method"] == "advi"
+    assert manifest["all_fits_converged"] is True
+    html = (run_dir / "report.html").read_text()
+    assert "torch" in html and "advi" in html
+
+
+def test_radiologists_microcalcifications(run_dir):
+    confidence = _table(run_dir, "predictive_confidence")
+    separability = _table(run_dir, "class_separability")
+    p = _series(confidence, "radiologists", MICRO, "p_gamma_gt0")
+    gamma = _series(confidence, "radiologists", MICRO, "gamma_mean")
+    ks_p = _series(separability, "radiologists", MICRO, "ks_pvalue")
+    for level in ("1", "2", "4"):
+        assert p[level] < 0.01
+        assert ks_p[level] < 0.01
+    assert gamma["4"] <= -1.5
+
+
+def test_radiologists_soft_tissue_lesions_are_invariant(run_dir):
+    confidence = _table(run_dir, "predictive_confidence")
+    separability = _table(run_dir, "class_separability")
+    assert (_series(confidence, "radiologists", SOFT, "p_gamma_gt0") > 0.1).all()
+    assert (_series(separability, "radiologists", SOFT, "ks_pvalue").dropna() > 0.1).all()
+
+
+def test_gmic_loses_confidence_on_both_subgroups(run_dir):
+    confidence = _table(run_dir, "predictive_confidence")
+    micro = _series(confidence, "gmic_trained_unperturbed", MICRO, "p_gamma_gt0")
+    soft = _series(confidence, "gmic_trained_unperturbed", SOFT, "p_gamma_gt0")
+    for level in ("2", "4"):
+        assert micro[level] < 0.01
+        assert soft[level] < 0.05
+
+
+def test_radiologists_level_off_while_gmic_keeps_falling(run_dir):
+    confidence = _table(run_dir, "predictive_confidence")
+    radiologists = _series(confidence, "radiologists", MICRO, "gamma_mean")
+    radiologists_sd = _series(confidence, "radiologists", MICRO, "gamma_sd")
+    gmic = _series(confidence, "gmic_trained_unperturbed", MICRO, "gamma_mean")
+    # Radiologists: beyond 1 mm gamma moves by less than its posterior sd.
+    assert abs(radiologists["4"] - radiologists["1"]) < radiologists_sd["4"]
+    # GMIC: every further step of severity lowers gamma.
+    assert gmic["1"] > gmic["2"] > gmic["4"]
+
+
+def test_simpsons_paradox_flags_soft_tissue_lesions_for_radiologists(run_dir):
+    check = _table(run_dir, "simpsons_paradox")
+    rows = check[(check.observer == "radiologists") & (check.subgroup == SOFT)]
+    assert len(rows) == 2
+    for _, row in rows.iterrows():
+        assert row.split_finding == "invariant"
+        assert row.merged_finding == "lowered"
+        assert row.differs
+
+
+def test_roi_separability_follows_the_definition(run_dir):
+    """Recomputed here from the tidy copy of the data, one scipy KS test at a time."""
+    tidy = SHARED / "tidy"
+    cases = pd.read_csv(tidy / "cases.csv")
+    roi = pd.read_csv(tidy / "gmic_roi.csv")
+    entire = pd.read_csv(tidy / "gmic_trained_unperturbed.csv")
+    in_study = cases[cases.in_annotation_study == 1]
+    entire = entire.merge(in_study[["exam_id", "side"]], on=["exam_id", "side"])
+    negatives = set(map(tuple, in_study.loc[in_study.label != "malignant", ["exam_id", "side"]].to_numpy()))
+    ours = _table(run_dir, "roi_separability")
+    for subgroup in (MICRO, SOFT):
+        chosen = in_study[(in_study.label == "malignant") & (in_study.subgroup == subgroup)]
+        positives = set(map(tuple, chosen[["exam_id", "side"]].to_numpy()))
+        for region in ("roi_interior", "roi_exterior", "entire_image"):
+            data = entire if region == "entire_image" else roi[roi.region == region]
+            units = ["reader"] if region == "entire_image" else ["annotator", "reader"]
+            keys = list(zip(data.exam_id, data.side))
+            is_pos = np.array([k in positives for k in keys])
+            is_neg = np.array([k in negatives for k in keys])
+            ks = {}
+            for (unit, severity), rows in data.groupby([data[units].astype(str).agg("/".join, axis=1),
+                                                        "severity_mm"]):
+                pos = rows.prediction[is_pos[rows.index]]
+                neg = rows.prediction[is_neg[rows.index]]
+                ks.setdefault(severity, []).append(stats.ks_2samp(pos, neg).statistic)
+            mine = ours[(ours.subgroup == subgroup) & (ours.region == region)].set_index("severity")
+            reference = np.array(ks[0])
+            for level in LEVELS:
+                values = np.array(ks[float(level)])
+                assert mine.loc[level, "ks_mean"] == pytest.approx(values.mean(), abs=1e-12)
+                assert mine.loc[level, "ks_sd"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+                if level != "0":
+                    expected = stats.ks_2samp(reference, values, alternative="less").pvalue
+                    assert mine.loc[level, "ks_pvalue"] == pytest.approx(expected, abs=1e-12)
