@@ -145,27 +145,26 @@ class Backend(Protocol):
         """Fit the model; call progress(message) now and then during long work."""
 
 
-def predictive_probability(fit: Fit, data: LatentModelData, chunk: int = 100) -> np.ndarray:
+def predictive_probability(fit: Fit, data: LatentModelData, chunk: int = 20) -> np.ndarray:
     """Posterior-predictive P(y = 1) for every observer x severity x case, shape (R, S, N).
 
     Averages inv_logit(b[g] + mu[n] + gamma[s, g] + nu[r, g]) over the *joint* draws,
     so cells no observer read (the sparse reader-study design) are filled in too.
     """
-    g = data.case_group
-    b, mu, gamma, nu = (fit.draws[k] for k in ("b", "mu", "gamma", "nu"))
-    total = np.zeros((data.n_readers, data.n_severities, data.n_cases))
+    import torch  # the heavy import only where posterior predictions are needed
+
+    g = torch.as_tensor(data.case_group, dtype=torch.long)
+    # Single precision for the ~10^8 logistic evaluations; the average is kept in double.
+    b, mu, gamma, nu = (torch.as_tensor(np.asarray(fit.draws[k]), dtype=torch.float32) for k in ("b", "mu", "gamma", "nu"))
+    total = torch.zeros((data.n_readers, data.n_severities, data.n_cases), dtype=torch.float64)
     for start in range(0, fit.n_draws, chunk):
         sl = slice(start, start + chunk)
         case_part = b[sl][:, g] + mu[sl]  # (d, N)
         gamma_part = gamma[sl][:, :, g]  # (d, S, N)
         nu_part = nu[sl][:, :, g]  # (d, R, N)
         eta = case_part[:, None, None, :] + gamma_part[:, None, :, :] + nu_part[:, :, None, :]
-        total += _inv_logit(eta).sum(axis=0)
-    return total / fit.n_draws
-
-
-def _inv_logit(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+        total += torch.sigmoid_(eta).sum(dim=0, dtype=torch.float64)
+    return (total / fit.n_draws).numpy()
 
 
 def normal_tail_above_zero(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:

@@ -71,6 +71,7 @@ class _Context:
         self.severities = tuple(str(s) for s in study.severities)
         self.position = {s: i for i, s in enumerate(self.severities)}
         self.unit = study.spec.severities.unit or ""
+        self.perturbation = study.spec.severities.perturbation
         self.alpha = float(study.alpha)
         self.split = tuple(study.groupings[0].analysed)
         self.merged = study.grouping("merged").analysed[0] if len(study.groupings) > 1 else None
@@ -147,7 +148,7 @@ def _panel_caption(ctx, subgroup) -> str:
     observed = not ctx.rows("class_separability_observed", subgroup=subgroup).empty
     return (
         "Left: predictive confidence, posterior mean ± sd of γ (0 at the reference severity by definition); "
-        "numbers above: P(γ > 0 | data) per severity (small = the perturbation lowers confidence; not a p-value). "
+        f"numbers above: P(γ > 0 | data) per severity (small = {ctx.perturbation} lowers confidence; not a p-value). "
         f"Right: class separability, KS statistic between predictions on {ctx.study.cases.positive_label} cases "
         "of the subgroup and on all other cases, mean ± sd across observers; numbers above: one-tailed KS-test "
         f"p-values against the reference severity (small = lower separability); bold where below α = {ctx.alpha:g}."
@@ -298,7 +299,7 @@ def _roi_figure(ctx):
     _titles(axes[0], titles)
     axes[0][0].set_ylabel("KS statistic (mean ± sd)")
     _legend(fig, *axes[0][0].get_legend_handles_labels())
-    fig.suptitle("Class separability with the perturbation restricted to regions", fontweight="bold")
+    fig.suptitle(f"Class separability with {_mpl(ctx.perturbation)} restricted to regions", fontweight="bold")
     return fig
 
 
@@ -381,9 +382,9 @@ def _confidence_sentences(ctx) -> list:
                 if high:
                     verb = "raises it" if low else "raises predictive confidence"
                     parts.append(f"{verb} (P(γ>0) > {1 - ctx.alpha:g} {_where(ctx, high)})")
-                text = "the perturbation " + " and ".join(parts) + f"; {at_last}"
+                text = f"{ctx.perturbation} " + " and ".join(parts) + f"; {at_last}"
             else:
-                text = (f"the perturbation has no detectable effect on predictive confidence "
+                text = (f"{ctx.perturbation} has no detectable effect on predictive confidence "
                         f"({ctx.alpha:g} ≤ P(γ>0) ≤ {1 - ctx.alpha:g} at every severity; {at_last})")
             out.append((f"{observer}, {subgroup}: {text}.", (observer, ctx.grouping_of(subgroup)) in ctx.unreliable))
     return out
@@ -396,10 +397,10 @@ def _separability_text(ctx, t, what) -> str:
             f"{_num(last['ks_mean'])} ± {_num(last['ks_sd'])} at {ctx.sev(last['severity'])}")
     low = t["severity"][p < ctx.alpha].tolist()
     if low:
-        return f"the perturbation lowers {what} (p < {ctx.alpha:g} {_where(ctx, low)}; {span})"
+        return f"{ctx.perturbation} lowers {what} (p < {ctx.alpha:g} {_where(ctx, low)}; {span})"
     if not np.isfinite(p).any():
         return f"{what} cannot be tested (no p-values; {span})"
-    return f"the perturbation has no detectable effect on {what} (all p ≥ {ctx.alpha:g}; {span})"
+    return f"{ctx.perturbation} has no detectable effect on {what} (all p ≥ {ctx.alpha:g}; {span})"
 
 
 def _separability_sentences(ctx) -> list:

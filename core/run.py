@@ -291,7 +291,8 @@ class Study:
         for (observer, grouping), fit in self._selected.items():
             name = f"posterior/{observer}_{grouping}.npz"
             group = self.observers[observer]
-            np.savez_compressed(
+            # Uncompressed: random draws barely compress, and compressing took seconds.
+            np.savez(
                 staging / name,
                 **{k: np.asarray(v) for k, v in fit.draws.items()},
                 readers=np.asarray(group.readers), severities=np.asarray(self.severities),

@@ -63,6 +63,7 @@ class RoiSection:
 class SeveritiesSection:
     unit: str
     levels: tuple  # as written; the first is the unperturbed reference
+    perturbation: str = "the perturbation"  # what the severities grade, as the findings should name it
 
 
 @attrs.frozen

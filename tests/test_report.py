@@ -29,7 +29,7 @@ def make_study(observers=("radiologists", "dnn"), formats=("png",), report_html=
                                                           method="advi")
     return SimpleNamespace(
         spec=SimpleNamespace(study=SimpleNamespace(name="synthetic <study>"), fit_seed=7,
-                             severities=SimpleNamespace(unit="mm"),
+                             severities=SimpleNamespace(unit="mm", perturbation="low-pass filtering"),
                              outputs=SimpleNamespace(figures=formats, report=report_html)),
         severities=SEVERITIES, alpha=alpha,
         observers={o: SimpleNamespace(readers=("a", "b", "c"), dense=(o != "radiologists")) for o in observers},
@@ -122,11 +122,11 @@ def test_nonconverged_fit_is_warned_about(tmp_path):
 def test_confidence_finding_follows_the_numbers(tmp_path):
     _, page = run(tmp_path, tables=make_tables(p_gamma=0.01))
     text = findings(page)
-    assert ("radiologists, microcalcifications: the perturbation lowers predictive confidence "
+    assert ("radiologists, microcalcifications: low-pass filtering lowers predictive confidence "
             "(P(γ>0) < 0.05 from 0.5 mm on); γ at 4 mm = -2.1 ± 0.2") in text
     _, page = run(tmp_path, tables=make_tables(p_gamma=0.5))
     text = findings(page)
-    assert "radiologists, microcalcifications: the perturbation has no detectable effect on predictive confidence" \
+    assert "radiologists, microcalcifications: low-pass filtering has no detectable effect on predictive confidence" \
         in text and "lowers predictive confidence" not in text
     _, page = run(tmp_path, tables=make_tables(p_gamma=0.99))
     assert "raises predictive confidence" in findings(page)
@@ -134,10 +134,10 @@ def test_confidence_finding_follows_the_numbers(tmp_path):
 
 def test_separability_finding_follows_the_numbers(tmp_path):
     _, page = run(tmp_path, tables=make_tables(ks_p=0.01))
-    assert "dnn, soft_tissue_lesions: the perturbation lowers class separability" in findings(page)
+    assert "dnn, soft_tissue_lesions: low-pass filtering lowers class separability" in findings(page)
     _, page = run(tmp_path, tables=make_tables(ks_p=0.3))
     text = findings(page)
-    assert "radiologists, soft_tissue_lesions: the perturbation has no detectable effect on class separability " \
+    assert "radiologists, soft_tissue_lesions: low-pass filtering has no detectable effect on class separability " \
            "(all p ≥ 0.05; KS 0.6 ± 0.03 at 0 mm, 0.45 ± 0.03 at 4 mm)" in text
     # a stricter alpha turns the same p-values into "no detectable effect"
     _, page = run(tmp_path, make_study(alpha=0.001), make_tables(ks_p=0.01))
@@ -149,7 +149,7 @@ def test_only_some_severities_significant(tmp_path):
     cs = tables["class_separability"]
     cs.loc[(cs.observer == "dnn") & (cs.subgroup == SPLIT[0]) & (cs.severity == "1"), "ks_pvalue"] = 0.01
     _, page = run(tmp_path, tables=tables)
-    assert "dnn, microcalcifications: the perturbation lowers class separability (p < 0.05 at 1 mm;" in findings(page)
+    assert "dnn, microcalcifications: low-pass filtering lowers class separability (p < 0.05 at 1 mm;" in findings(page)
 
 
 def test_observed_and_modelled_disagreement_is_reported(tmp_path):

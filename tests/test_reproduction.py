@@ -130,13 +130,12 @@ def test_roi_separability_follows_the_definition(run_dir):
             data = entire if region == "entire_image" else roi[roi.region == region]
             units = ["reader"] if region == "entire_image" else ["annotator", "reader"]
             keys = list(zip(data.exam_id, data.side))
-            is_pos = np.array([k in positives for k in keys])
-            is_neg = np.array([k in negatives for k in keys])
+            data = data.assign(is_pos=[k in positives for k in keys], is_neg=[k in negatives for k in keys])
             ks = {}
             for (unit, severity), rows in data.groupby([data[units].astype(str).agg("/".join, axis=1),
                                                         "severity_mm"]):
-                pos = rows.prediction[is_pos[rows.index]]
-                neg = rows.prediction[is_neg[rows.index]]
+                pos = rows.prediction[rows.is_pos]
+                neg = rows.prediction[rows.is_neg]
                 ks.setdefault(severity, []).append(stats.ks_2samp(pos, neg).statistic)
             mine = ours[(ours.subgroup == subgroup) & (ours.region == region)].set_index("severity")
             reference = np.array(ks[0])

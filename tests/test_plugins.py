@@ -1,0 +1,334 @@
+"""The hook specs, the registry's checks, the `plugins` command, a custom metric in a run,
+and the rule that the core imports no plugin."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import subprocess
+import sys
+import types
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import perceptcore.plugins
+from perceptcore.cli import main
+from perceptcore.errors import PerceptcoreError
+from perceptcore.plugins import KINDS, HookSpecs, hookimpl, load_registry
+from synthetic import write_study
+
+CORE = Path(perceptcore.plugins.__file__).resolve().parent
+DIRECT = "(registered directly)"
+
+
+def plugin_module(name: str, **hooks) -> types.ModuleType:
+    """A module whose functions are the given hook implementations."""
+    module = types.ModuleType(name)
+    for hook_name, function in hooks.items():
+        function.__name__ = hook_name
+        setattr(module, hook_name, hookimpl(function))
+    return module
+
+
+# --------------------------------------------------------------------------- one object of every kind
+
+class BoxBlur:
+    name = "box_blur"
+
+    def perturb(self, image, severity):
+        return image
+
+
+class ConstantModel:
+    name = "constant_model"
+
+    def predict(self, images):
+        return np.full(len(images), 0.5)
+
+
+class HalfSplit:
+    name = "half_split"
+    subgroups = ("first", "second")
+
+    def assign(self, cases, options, where):
+        return np.where(np.arange(len(cases)) < len(cases) // 2, "first", "second")
+
+
+class CountMetric:
+    name = "count_metric"
+    outputs = {"counts": ("observer", "n")}
+
+    def compute(self, study):
+        return {"counts": pd.DataFrame({"observer": list(study.observers), "n": 0})}
+
+
+class NullBackend:
+    name = "null_backend"
+    methods = ("advi",)
+    priority = -100
+
+    def unavailable_reason(self):
+        return "it is only a test"
+
+    def fit(self, data, settings, progress):
+        raise NotImplementedError
+
+
+EXAMPLES = {
+    "perturbation": BoxBlur(),
+    "model": ConstantModel(),
+    "subgroups": HalfSplit(),
+    "metric": CountMetric(),
+    "backend": NullBackend(),
+}
+
+
+def _hook_for(kind, obj):
+    def hook(register):
+        register(obj)
+
+    return KINDS[kind][0], hook
+
+
+def test_every_hook_spec_has_a_one_line_docstring_and_a_kind():
+    specs = [name for name in dir(HookSpecs) if name.startswith("perceptcore_")]
+    assert len(specs) == 5
+    for name in specs:
+        doc = inspect.getdoc(getattr(HookSpecs, name))
+        assert doc, f"{name} has no docstring"
+        assert "\n" not in doc.strip(), f"{name}'s docstring is not one line"
+    assert sorted(hook for hook, _ in KINDS.values()) == sorted(specs)
+    assert sorted(EXAMPLES) == sorted(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_plugin_of_every_kind_is_registered(kind):
+    hook_name, hook = _hook_for(kind, EXAMPLES[kind])
+    registry = load_registry(extra_plugins=[(f"test_{kind}", plugin_module(f"test_{kind}", **{hook_name: hook}))])
+    mine = [item for item in registry.all(kind) if item.plugin == f"test_{kind}"]
+    assert len(mine) == 1
+    item = mine[0]
+    assert (item.kind, item.name, item.package) == (kind, EXAMPLES[kind].name, DIRECT)
+    assert item.obj is EXAMPLES[kind]
+    assert registry.get(kind, EXAMPLES[kind].name, "somewhere") is EXAMPLES[kind]
+    # It is listed beside the bundled plugins, not instead of them.
+    assert "breast_lesions" in registry.names("subgroups")
+    assert {"torch", "stan"} <= set(registry.names("backend"))
+
+
+def test_one_plugin_may_register_several_kinds_and_objects():
+    module = plugin_module(
+        "multi",
+        perceptcore_register_metrics=lambda register: (register(CountMetric()), register(_named(CountMetric, "other"))),
+        perceptcore_register_perturbations=lambda register: register(BoxBlur()),
+    )
+    registry = load_registry(extra_plugins=[("multi", module)])
+    assert {i.name for i in registry.all("metric") if i.plugin == "multi"} == {"count_metric", "other"}
+    assert [i.name for i in registry.all("perturbation")] == ["box_blur"]
+
+
+def _named(cls, name):
+    obj = cls()
+    obj.name = name
+    return obj
+
+
+class _NoCompute:
+    name = "half_metric"
+    outputs = {"t": ("a",)}
+
+
+@pytest.mark.parametrize("hook, message", [
+    (lambda register: register(_NoCompute()), "metric 'half_metric' lacks compute"),
+    (lambda register: register(_named(CountMetric, "Bad-Name")),
+     "registered a metric whose name 'Bad-Name' is not a lower-case identifier"),
+    (lambda register: register(object()), "registered a metric whose name None is not a lower-case identifier"),
+    (lambda register: 1 / 0, "failed while registering metrics: ZeroDivisionError: division by zero"),
+])
+def test_registration_errors_name_the_plugin(hook, message):
+    module = plugin_module("faulty", perceptcore_register_metrics=hook)
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry(extra_plugins=[("faulty", module)])
+    assert info.value.where == "plugin 'faulty'"
+    assert message in info.value.message
+
+
+def test_unknown_hook_names_the_plugin():
+    module = plugin_module("typo", perceptcore_register_metric=lambda register: None)
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry(extra_plugins=[("typo", module)])
+    assert info.value.where == "plugin 'typo'"
+    assert "perceptcore_register_metric" in info.value.message
+
+
+def test_hook_with_wrong_arguments_names_the_plugin():
+    module = plugin_module("wrong_args", perceptcore_register_metrics=lambda register, extra: None)
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry(extra_plugins=[("wrong_args", module)])
+    assert info.value.where == "plugin 'wrong_args'"
+    assert "extra" in info.value.message
+
+
+def test_duplicate_names_name_both_plugins():
+    first = plugin_module("first_plugin", perceptcore_register_metrics=lambda register: register(_named(CountMetric, "twin")))
+    second = plugin_module("second_plugin", perceptcore_register_metrics=lambda register: register(_named(CountMetric, "twin")))
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry(extra_plugins=[("first_plugin", first), ("second_plugin", second)])
+    message = info.value.message
+    assert info.value.where == "plugins"
+    assert "metric 'twin' is registered by both" in message
+    assert "plugin 'first_plugin'" in message and "plugin 'second_plugin'" in message
+
+
+def test_duplicate_of_a_bundled_plugin_names_both():
+    copycat = plugin_module("copycat",
+                            perceptcore_register_metrics=lambda register: register(_named(CountMetric, "ks_separability")))
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry(extra_plugins=[("copycat", copycat)])
+    message = info.value.message
+    assert "metric 'ks_separability' is registered by both" in message
+    assert "plugin 'ks_separability' (perceptcore)" in message and "plugin 'copycat'" in message
+
+
+def test_same_plugin_name_twice_is_an_error():
+    a = plugin_module("same", perceptcore_register_perturbations=lambda register: register(BoxBlur()))
+    b = plugin_module("same", perceptcore_register_models=lambda register: register(ConstantModel()))
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry(extra_plugins=[("same", a), ("same", b)])
+    assert info.value.where == "plugin 'same'"
+
+
+def test_unknown_name_lists_what_exists_and_suggests():
+    registry = load_registry()
+    with pytest.raises(PerceptcoreError) as info:
+        registry.get("metric", "predictive_confidance", "analyses.metrics[0]")
+    assert info.value.where == "analyses.metrics[0]"
+    assert "did you mean 'predictive_confidence'?" in info.value.message
+    with pytest.raises(PerceptcoreError, match=r"unknown perturbation 'blur'; available: none \(is a plugin missing\?\)"):
+        registry.get("perturbation", "blur", "x")
+
+
+# --------------------------------------------------------------------------- the plugins command
+
+BUNDLED = {
+    "breast_lesions": "subgroups",
+    "predictive_confidence": "metric",
+    "ks_separability": "metric",
+    "simpsons_paradox": "metric",
+    "roi_separability": "metric",
+    "stan": "backend",
+    "torch": "backend",
+}
+
+
+def parse_listing(text: str) -> dict:
+    lines = text.strip().splitlines()
+    assert lines[0].split() == ["name", "kind", "package", "version", "plugin"]
+    rows = {}
+    for line in lines[1:]:
+        name, kind, package, version, plugin = line.split()
+        rows[name] = {"kind": kind, "package": package, "version": version, "plugin": plugin}
+    return rows
+
+
+def test_plugins_command_lists_the_bundled_plugins(capsys):
+    assert main(["plugins"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    rows = parse_listing(captured.out)
+    version = metadata.version("perceptcore")
+    for name, kind in BUNDLED.items():
+        assert name in rows, f"{name} is not listed"
+        assert rows[name]["kind"] == kind
+        assert rows[name]["package"] == "perceptcore"
+        assert rows[name]["version"] == version
+
+
+# --------------------------------------------------------------------------- a custom metric in a run
+
+class ObservedMean:
+    """Mean observed prediction per observer, analysed subgroup and severity, beside gamma's mean."""
+
+    name = "observed_mean"
+    outputs = {"observed_mean": ("observer", "subgroup", "severity", "mean_prediction", "n_predictions", "gamma_mean")}
+
+    def compute(self, study):
+        confidence = study.table("predictive_confidence")  # another metric's table
+        rows = []
+        for subgroup in study.groupings[0].analysed:
+            members = study.subgroup == subgroup
+            for observer, group in study.observers.items():
+                for s, severity in enumerate(study.severities):
+                    values = group.values[:, s, members]
+                    values = values[np.isfinite(values)]
+                    match = confidence[(confidence["observer"] == observer) & (confidence["subgroup"] == subgroup)
+                                       & (confidence["severity"] == severity)]
+                    gamma = float(match["gamma_mean"].iloc[0]) if len(match) else np.nan
+                    rows.append((observer, subgroup, severity, values.mean(), len(values), gamma))
+        return {"observed_mean": pd.DataFrame(rows, columns=self.outputs["observed_mean"])}
+
+
+def test_custom_metric_table_is_written_by_a_run(tmp_path, capsys, monkeypatch):
+    spec = write_study(tmp_path / "study")
+    module = plugin_module("observed_mean_plugin", perceptcore_register_metrics=lambda register: register(ObservedMean()))
+    real = perceptcore.plugins.load_registry
+    monkeypatch.setattr(perceptcore.plugins, "load_registry", lambda extra_plugins=(): real([("observed_mean_plugin", module)]))
+    out = tmp_path / "out"
+    code = main(["run", str(spec), "--out", str(out), "--set", "analyses.metrics=[predictive_confidence, observed_mean]",
+                 "--set", "model.draws=30", "--set", "model.max_iterations=300"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    table = pd.read_csv(out / "observed_mean.csv", dtype={"severity": str})
+    assert list(table.columns) == list(ObservedMean.outputs["observed_mean"])
+    assert "observed_mean.csv" in json.loads((out / "run.json").read_text())["outputs"]
+
+    # Independently: join the prediction files to the cases table and average.
+    folder = tmp_path / "study"
+    cases = pd.read_csv(folder / "cases.csv")
+    expected = []
+    for observer in ("radiologists", "dnns"):
+        predictions = pd.read_csv(folder / f"{observer}.csv", dtype={"severity": str}).merge(cases, on="case")
+        summary = predictions.groupby(["subgroup", "severity"])["prediction"].agg(["mean", "size"]).reset_index()
+        summary.insert(0, "observer", observer)
+        expected.append(summary)
+    expected = pd.concat(expected)
+    expected = expected[expected["subgroup"].isin(["microcalcifications", "soft_tissue_lesions"])]
+    merged = table.merge(expected, on=["observer", "subgroup", "severity"], how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all()
+    assert len(merged) == 2 * 2 * 3
+    np.testing.assert_allclose(merged["mean_prediction"], merged["mean"], rtol=1e-12)
+    np.testing.assert_array_equal(merged["n_predictions"], merged["size"])
+
+    # The gamma_mean column came from the predictive_confidence table of the same run.
+    confidence = pd.read_csv(out / "predictive_confidence.csv", dtype={"severity": str})
+    joined = table.merge(confidence, on=["observer", "subgroup", "severity"], suffixes=("", "_pc"))
+    assert len(joined) == 2 * 2 * 2  # every perturbed severity
+    np.testing.assert_allclose(joined["gamma_mean"], joined["gamma_mean_pc"], rtol=1e-12)
+    assert table.loc[table["severity"] == "0", "gamma_mean"].isna().all()
+
+
+# --------------------------------------------------------------------------- the core imports no plugin
+
+def test_core_source_imports_no_plugin():
+    offenders = []
+    for path in sorted(CORE.glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"^\s*(from|import)\s+perceptcore_plugins\b", line) or \
+                    re.search(r"import_module\(\s*['\"]perceptcore_plugins", line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert CORE.name == "core" and len(list(CORE.glob("*.py"))) >= 8
+    assert offenders == []
+
+
+def test_importing_the_core_loads_no_plugin():
+    code = ("import sys, perceptcore.cli, perceptcore.run, perceptcore.spec, perceptcore.data, perceptcore.stats, "
+            "perceptcore.latent_model, perceptcore.plugins; "
+            "print([m for m in sys.modules if m.startswith('perceptcore_plugins')])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
