@@ -358,6 +358,9 @@ def _check(spec: Spec) -> None:
         if p not in PARAMETERISATIONS:
             fail(f"unknown parameterisation {p!r}; expected {' or '.join(PARAMETERISATIONS)}",
                  f"model.parameterisations[{i}]")
+    if model.method == "nuts" and len(model.parameterisations) > 1:
+        fail("parameterisations are chosen by ELBO, which NUTS does not give; list one (compare them with advi)",
+             "model.parameterisations")
     for key in ("draws", "max_iterations", "chains", "warmup"):
         if getattr(model, key) < 1:
             fail("must be at least 1", f"model.{key}")

@@ -388,3 +388,8 @@ def test_debug_process_shows_traceback(tmp_path):
     assert "Traceback (most recent call last)" in result.stderr
     assert "PerceptcoreError" in result.stderr
     assert "model.draws: expected a whole number, got 'many'" in result.stderr
+
+
+def test_nuts_with_several_parameterisations(tmp_path, capsys):
+    run_bad(tmp_path, capsys, "spec.yaml: model.parameterisations: ", "NUTS does not give",
+            set_=["model.method=nuts", "model.parameterisations=[random_walk, independent]"])

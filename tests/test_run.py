@@ -1,0 +1,108 @@
+"""Whole runs of a small synthetic study: validate, determinism, outputs, selection, convergence flags."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from perceptcore.cli import main
+from synthetic import write_study
+
+TABLES = ("predictive_confidence", "class_separability", "class_separability_observed", "simpsons_paradox",
+          "roi_separability")
+
+
+def run(spec, out, *overrides):
+    args = ["run", str(spec), "--out", str(out)]
+    for override in overrides:
+        args += ["--set", override]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return write_study(tmp_path_factory.mktemp("study"), roi=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "first"
+    assert run(study, out, "outputs.report=true") == 0
+    return out
+
+
+def test_validate_checks_without_writing(study, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "radiologists:" in out and "dnns:" in out and "backend torch" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_spec_and_seed_give_identical_numbers(study, first_run, tmp_path):
+    assert run(study, tmp_path / "again", "outputs.report=true") == 0
+    for name in TABLES:
+        assert (first_run / f"{name}.csv").read_bytes() == (tmp_path / "again" / f"{name}.csv").read_bytes(), name
+    assert run(study, tmp_path / "seed1", "model.seed=1") == 0
+    a = pd.read_csv(first_run / "predictive_confidence.csv")
+    b = pd.read_csv(tmp_path / "seed1" / "predictive_confidence.csv")
+    assert not np.allclose(a.gamma_mean, b.gamma_mean, rtol=0, atol=1e-9)
+
+
+def test_manifest_lists_every_output_and_who_made_it(first_run):
+    manifest = json.loads((first_run / "run.json").read_text())
+    assert manifest["backend"] == "torch" and manifest["method"] == "advi" and manifest["seed"] == 0
+    written = sorted(str(p.relative_to(first_run)) for p in first_run.rglob("*") if p.is_file())
+    assert manifest["outputs"] == written
+    assert "report.html" in written and "fit_diagnostics.csv" in written
+
+
+def test_saved_posterior_is_the_one_the_tables_summarise(first_run):
+    confidence = pd.read_csv(first_run / "predictive_confidence.csv", dtype={"severity": str})
+    with np.load(first_run / "posterior" / "radiologists_split.npz") as saved:
+        assert str(saved["backend"]) == "torch" and str(saved["method"]) == "advi"
+        groups = list(saved["groups"])
+        severities = list(saved["severities"])
+        gamma = saved["gamma"]
+        assert gamma.shape == (40, len(severities), len(groups))
+        assert np.all(gamma[:, 0, :] == 0)
+    rows = confidence[(confidence.observer == "radiologists") & (confidence.subgroup == "microcalcifications")]
+    g = groups.index("microcalcifications")
+    expected = gamma[:, 1:, g].mean(axis=0)
+    assert np.allclose(rows.gamma_mean.to_numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_rerun_replaces_an_earlier_run(study, first_run, tmp_path):
+    out = tmp_path / "run"
+    assert run(study, out) == 0
+    (out / "stale.txt").write_text("from an earlier run")
+    assert run(study, out) == 0
+    assert not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging folder left
+
+
+def test_highest_elbo_parameterisation_is_used(study, tmp_path):
+    out = tmp_path / "run"
+    assert run(study, out, "model.parameterisations=[random_walk, independent]") == 0
+    fits = pd.read_csv(out / "fit_diagnostics.csv")
+    assert len(fits) == 2 * 2 * 2  # observers x groupings x parameterisations
+    for _, pair in fits.groupby(["observer", "grouping"]):
+        assert pair.selected.sum() == 1
+        assert pair.loc[pair.selected, "elbo"].item() == pair.elbo.max()
+    with np.load(out / "posterior" / "dnns_split.npz") as saved:
+        chosen = fits[(fits.observer == "dnns") & (fits.grouping == "split") & fits.selected]
+        assert str(saved["parameterisation"]) == chosen.parameterisation.item()
+
+
+def test_a_fit_that_did_not_converge_is_flagged(study, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(study, out, "model.max_iterations=60", "outputs.report=true") == 0
+    err = capsys.readouterr().err
+    assert "warning: the fit of radiologists (split, random_walk) did not converge" in err
+    assert json.loads((out / "run.json").read_text())["all_fits_converged"] is False
+    assert not pd.read_csv(out / "fit_diagnostics.csv").converged.any()
+    html = (out / "report.html").read_text()
+    assert "did not converge" in html.lower()
