@@ -146,3 +146,20 @@ def test_roi_separability_follows_the_definition(run_dir):
                 if level != "0":
                     expected = stats.ks_2samp(reference, values, alternative="less").pvalue
                     assert mine.loc[level, "ks_pvalue"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_dmv_spec_reads_the_same_layout(tmp_path, capsys):
+    """dmv.yaml runs unchanged on DMV files in the published layout (here: links to the GMIC arrays)."""
+    published = SHARED / "published"
+    if not (published / "exam_info.csv").exists():
+        pytest.skip(f"the published perception-comparison data is not at {SHARED}")
+    for name in ("exam_info.csv", "annotation_study_idxs.pkl", "observed_predictions/perturbation_study/radiologists.pkl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(published / name)
+    for study in ("perturbation_study/dnns", "annotation_study"):
+        (tmp_path / "observed_predictions" / study).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "observed_predictions" / study / "dmv").symlink_to(published / "observed_predictions" / study / "gmic")
+    code = main(["validate", str(ROOT / "examples/perception_comparison/dmv.yaml"), "--set", f"data_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "dmv_trained_unperturbed: 64800 predictions" in out and "radiologists: 13440 predictions" in out
