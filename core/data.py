@@ -227,22 +227,24 @@ def severity_lookup(levels) -> dict:
 
 def _severity_index(values: pd.Series, levels, path, where) -> np.ndarray:
     lookup = severity_lookup(levels)
-    out = np.empty(len(values), dtype=int)
-    for row, value in enumerate(values):
-        key = str(value).strip()
+    text = values.astype(str).str.strip()
+    resolved = {}
+    for key in text.unique():  # a handful of distinct severities, however many rows
         index = lookup.get(key)
         if index is None:
             try:
                 index = lookup.get(float(key))
             except ValueError:
-                index = None
-        if index is None:
-            raise PerceptcoreError(
-                f"{path}: row {row + 2}: severity {value!r} is not one of the spec's severities "
-                f"({', '.join(map(str, levels))})",
-                where,
-            )
-        out[row] = index
+                pass
+        resolved[key] = -1 if index is None else index
+    out = text.map(resolved).to_numpy(int)
+    if (out < 0).any():
+        row = int(np.flatnonzero(out < 0)[0])
+        raise PerceptcoreError(
+            f"{path}: row {row + 2}: severity {values.iloc[row]!r} is not one of the spec's severities "
+            f"({', '.join(map(str, levels))})",
+            where,
+        )
     return out
 
 
