@@ -1,13 +1,15 @@
-"""The `perceptcore` command: run, validate, plugins."""
+"""The `perceptcore` command: run, validate, plugins, design-reader-study, import-reads."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .errors import PerceptcoreError
 
@@ -29,9 +31,29 @@ def main(argv=None) -> int:
 
     commands.add_parser("plugins", help="list the loaded plugins")
 
+    design = commands.add_parser("design-reader-study",
+                                 help="assign each reader every exam once at a severity; write blinded worksheets")
+    design.add_argument("cases", help="CSV with an exam column and a case column (e.g. the cases table)")
+    design.add_argument("--readers", required=True, help="how many readers (named reader01, …) or their names, comma-separated")
+    design.add_argument("--severities", required=True, nargs="+", help="severity levels, the unperturbed one first")
+    design.add_argument("--scheme", default="uniform", help="uniform (a random severity per reader and exam, as "
+                        "published) or balanced (each reader sees each severity equally often)")
+    design.add_argument("--seed", type=int, default=0)
+    design.add_argument("--exam-column", default="exam")
+    design.add_argument("--case-column", default="case")
+    design.add_argument("--out", required=True, help="folder for assignment.csv, exams.csv and worksheets/")
+
+    reads = commands.add_parser("import-reads", help="turn filled worksheets into a tidy prediction table")
+    reads.add_argument("design", help="the folder design-reader-study wrote")
+    reads.add_argument("worksheets", nargs="+", help="filled worksheet CSVs")
+    reads.add_argument("--calls", default="binary", choices=("binary", "probability"))
+    reads.add_argument("--out", required=True, help="the prediction table to write (CSV)")
+
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "validate": _validate, "plugins": _plugins}[args.command](args)
+        commands = {"run": _run, "validate": _validate, "plugins": _plugins,
+                    "design-reader-study": _design_reader_study, "import-reads": _import_reads}
+        return commands[args.command](args)
     except PerceptcoreError as exc:
         if args.debug:
             raise
@@ -90,6 +112,64 @@ def _plugins(args) -> int:
     widths = [max(len(str(row[c])) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _design_reader_study(args) -> int:
+    from . import reader_study
+    from .data import read_table, require_columns
+
+    out = Path(args.out)
+    if out.exists():
+        raise PerceptcoreError("already exists; a design is written once (its assignment is the study's key)", str(out))
+    path = Path(args.cases)
+    table = read_table(path, str(path), text_columns=(args.exam_column, args.case_column))
+    require_columns(table, [args.exam_column, args.case_column], path, str(path))
+    cases_of_exam = reader_study.cases_by_exam(table, args.exam_column, args.case_column)
+    readers = _reader_names(args.readers)
+    assignment = reader_study.assign(list(cases_of_exam), readers, args.severities, args.scheme, args.seed)
+    sheets = reader_study.worksheets(assignment, cases_of_exam)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "worksheets").mkdir(parents=True)
+    assignment.to_csv(staging / "assignment.csv", index=False)
+    pd.DataFrame([(e, c) for e, cs in cases_of_exam.items() for c in cs], columns=["exam", "case"]).to_csv(
+        staging / "exams.csv", index=False)
+    for reader, sheet in sheets.items():
+        sheet.to_csv(staging / "worksheets" / f"{reader}.csv", index=False)
+    staging.rename(out)
+    print(f"wrote {out}: {len(readers)} readers x {len(cases_of_exam)} exams ({args.scheme}, seed {args.seed})")
+    return 0
+
+
+def _reader_names(text: str) -> list[str]:
+    if text.strip().isdigit():
+        count = int(text)
+        if count < 1:
+            raise PerceptcoreError("needs at least one reader", "--readers")
+        return [f"reader{i + 1:02d}" for i in range(count)]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise PerceptcoreError("reader names must be distinct", "--readers")
+    return names
+
+
+def _import_reads(args) -> int:
+    from . import reader_study
+    from .data import read_table
+
+    design = Path(args.design)
+    assignment = read_table(design / "assignment.csv", str(design), text_columns=("reader", "exam", "severity"))
+    exams = read_table(design / "exams.csv", str(design), text_columns=("exam", "case"))
+    cases_of_exam = reader_study.cases_by_exam(exams, "exam", "case")
+    predictions = reader_study.import_reads(assignment, cases_of_exam, args.worksheets, args.calls)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    predictions.to_csv(partial, index=False)
+    partial.replace(out)
+    expected = sum(len(cases_of_exam[e]) for e in assignment["exam"].astype(str))
+    print(f"wrote {out}: {len(predictions)} calls of the {expected} the design asks for")
     return 0
 
 

@@ -1,0 +1,115 @@
+"""Designing a sparse perturbation reader study, and reading its filled-in worksheets back.
+
+Every reader reads every exam exactly once, at one severity: drawn uniformly at random
+for each reader and exam (as in the published study), or balanced so that each reader
+sees each severity equally often (to within one when the exams do not divide evenly).
+The reading order is shuffled per reader. Worksheets are blinded (no severity); the
+assignment file is the key that `import_reads` uses to turn calls into predictions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data import read_table, require_columns
+from .errors import PerceptcoreError
+
+SCHEMES = ("uniform", "balanced")
+ASSIGNMENT_COLUMNS = ("reader", "order", "exam", "severity")
+WORKSHEET_COLUMNS = ("reader", "order", "exam", "case", "call")
+
+
+def assign(exams: Sequence[str], readers: Sequence[str], severities: Sequence[str], scheme: str, seed: int) -> pd.DataFrame:
+    """Which reader reads which exam at which severity, and in what order (1 = first)."""
+    if scheme not in SCHEMES:
+        raise PerceptcoreError(f"unknown scheme {scheme!r}; expected {' or '.join(SCHEMES)}", "--scheme")
+    if not exams or not readers or len(severities) < 2:
+        raise PerceptcoreError("a reader study needs exams, readers and at least two severities")
+    rng = np.random.default_rng(seed)
+    n, s = len(exams), len(severities)
+    frames = []
+    for r, reader in enumerate(readers):
+        if scheme == "uniform":
+            levels = rng.integers(0, s, size=n)
+        else:
+            # n // s of every severity; the n % s left over rotate across readers so that
+            # no severity is favoured over the whole study either.
+            leftover = (np.arange(n % s) + r * (n % s)) % s
+            levels = rng.permutation(np.concatenate([np.repeat(np.arange(s), n // s), leftover]))
+        order = rng.permutation(n) + 1
+        frames.append(pd.DataFrame({"reader": reader, "order": order, "exam": list(exams),
+                                    "severity": [severities[i] for i in levels]}))
+    return pd.concat(frames).sort_values(["reader", "order"], kind="stable").reset_index(drop=True)
+
+
+def worksheets(assignment: pd.DataFrame, cases_of_exam: dict) -> dict:
+    """One blinded worksheet per reader: a row per case of every exam, in reading order, `call` empty."""
+    sheets = {}
+    for reader, rows in assignment.groupby("reader", sort=False):
+        lines = [(reader, order, exam, case, "") for order, exam in zip(rows["order"], rows["exam"])
+                 for case in cases_of_exam[exam]]
+        sheets[reader] = pd.DataFrame(lines, columns=WORKSHEET_COLUMNS)
+    return sheets
+
+
+def import_reads(assignment: pd.DataFrame, cases_of_exam: dict, files: Sequence[Path], calls: str = "binary") -> pd.DataFrame:
+    """Filled worksheets as a tidy prediction table: reader, severity, case, prediction.
+
+    `calls` is "binary" (0/1) or "probability" (in [0, 1]). Rejects readers and exams
+    that are not in the assignment, cases that do not belong to their exam, calls out
+    of range or missing, and any case a reader called twice (across files too).
+    """
+    severity_of = {(r, e): s for r, e, s in zip(assignment["reader"].astype(str), assignment["exam"].astype(str),
+                                                 assignment["severity"].astype(str))}
+    readers = set(assignment["reader"].astype(str))
+    seen: dict = {}
+    out = []
+    for path in files:
+        path = Path(path)
+        table = read_table(path, str(path), text_columns=("reader", "exam", "case"))
+        require_columns(table, WORKSHEET_COLUMNS, path, str(path))
+        for i, row in enumerate(table.itertuples(index=False)):
+            where = f"{path}: row {i + 2}"
+            reader, exam, case = str(row.reader), str(row.exam), str(row.case)
+            if reader not in readers:
+                raise PerceptcoreError(f"reader {reader!r} is not in the assignment", where)
+            if (reader, exam) not in severity_of:
+                raise PerceptcoreError(f"exam {exam!r} was not assigned to reader {reader!r}", where)
+            if case not in cases_of_exam.get(exam, ()):
+                raise PerceptcoreError(f"case {case!r} is not a case of exam {exam!r}", where)
+            value = _call(row.call, calls, where)
+            key = (reader, case)
+            if key in seen:
+                raise PerceptcoreError(f"reader {reader!r} called case {case!r} twice (first at {seen[key]})", where)
+            seen[key] = where
+            out.append((reader, severity_of[(reader, exam)], case, value))
+    return pd.DataFrame(out, columns=["reader", "severity", "case", "prediction"])
+
+
+def _call(value, calls: str, where: str) -> float:
+    text = "" if pd.isna(value) else str(value).strip()
+    if not text:
+        raise PerceptcoreError("no call was entered", where)
+    try:
+        number = float(text)
+    except ValueError:
+        raise PerceptcoreError(f"call {text!r} is not a number", where) from None
+    allowed = number in (0.0, 1.0) if calls == "binary" else 0.0 <= number <= 1.0
+    if not allowed:
+        expected = "0 or 1" if calls == "binary" else "a probability in [0, 1]"
+        raise PerceptcoreError(f"call {text!r} is out of range: expected {expected}", where)
+    return number
+
+
+def cases_by_exam(table: pd.DataFrame, exam_column: str, case_column: str) -> dict:
+    """{exam: [its cases, in first-seen order]} from any table with exam and case columns."""
+    grouped: dict = {}
+    for exam, case in zip(table[exam_column].astype(str), table[case_column].astype(str)):
+        cases = grouped.setdefault(exam, [])
+        if case not in cases:
+            cases.append(case)
+    return grouped
