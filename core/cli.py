@@ -66,13 +66,19 @@ def main(argv=None) -> int:
 
 def _study(args):
     from .plugins import load_registry
-    from .run import Study
+    from .run import Study, progress_to_stderr
+    from .runner import Runner
     from .spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     registry = load_registry()
     try:
-        return Study(spec, registry)
+        runner = Runner(spec, registry)
+        if args.command == "validate" and runner.units:
+            print(f"{spec.source}: ok — the runner will compute {runner.n_predictions} predictions in "
+                  f"{len(runner.units)} work units; their analysis is checked when they exist")
+            return None
+        return Study(runner.run(progress_to_stderr), registry)
     except PerceptcoreError as exc:
         raise exc.at(spec.source) from None
 
@@ -96,6 +102,8 @@ def _run(args) -> int:
 
 def _validate(args) -> int:
     study = _study(args)
+    if study is None:
+        return 0
     counts = {name: int(np.isfinite(group.values).sum()) for name, group in study.observers.items()}
     print(f"{study.spec.source}: ok — {len(study.cases)} cases, {len(study.severities)} severities, "
           + ", ".join(f"{name}: {n} predictions" for name, n in counts.items())

@@ -25,11 +25,11 @@ hookimpl = pluggy.HookimplMarker("perceptcore")
 class HookSpecs:
     @hookspec
     def perceptcore_register_perturbations(self, register):
-        """Register image perturbations: objects with `name` and `perturb(...)`."""
+        """Register image perturbations: objects following `perturbation.Perturbation`."""
 
     @hookspec
     def perceptcore_register_models(self, register):
-        """Register machine observers: objects with `name` and `predict(...)`."""
+        """Register machine observers: objects following `runner.Model`."""
 
     @hookspec
     def perceptcore_register_subgroups(self, register):
@@ -46,8 +46,8 @@ class HookSpecs:
 
 # What the core needs of each kind, beyond a `name`; checked at registration.
 KINDS = {
-    "perturbation": ("perceptcore_register_perturbations", ("perturb",)),
-    "model": ("perceptcore_register_models", ("predict",)),
+    "perturbation": ("perceptcore_register_perturbations", ("severity_unit", "Options", "perturb")),
+    "model": ("perceptcore_register_models", ("Options", "load", "predict")),
     "subgroups": ("perceptcore_register_subgroups", ("subgroups", "assign")),
     "metric": ("perceptcore_register_metrics", ("outputs", "compute")),
     "backend": ("perceptcore_register_backends", ("methods", "priority", "unavailable_reason", "fit")),

@@ -46,14 +46,14 @@ class Grouping:
         return self.case_group == self.group_names.index(subgroup)
 
 
-def _progress_to_stderr(message: str) -> None:
+def progress_to_stderr(message: str) -> None:
     print(f"[perceptcore] {message}", file=sys.stderr, flush=True)
 
 
 class Study:
     """One study: its spec, its data, and every result computed from them."""
 
-    def __init__(self, spec: Spec, registry: Registry, progress: Callable[[str], None] = _progress_to_stderr):
+    def __init__(self, spec: Spec, registry: Registry, progress: Callable[[str], None] = progress_to_stderr):
         self.spec = spec
         self.registry = registry
         self.progress = progress
@@ -272,6 +272,7 @@ class Study:
             fit_table.to_csv(staging / "fit_diagnostics.csv", index=False)
             files.append("fit_diagnostics.csv")
             files += self._write_posteriors(staging)
+            files += self._copy_computed_predictions(staging)
             self.progress("drawing figures and the report")
             files += report.write(self, tables, fit_table, staging)
             manifest = self._manifest(files, time.perf_counter() - started)
@@ -301,6 +302,17 @@ class Study:
             )
             files.append(name)
         return files
+
+    def _copy_computed_predictions(self, staging: Path) -> list[str]:
+        """The prediction tables the runner computed from images belong with the results."""
+        sources = {f"{o.name}.csv": o.predictions for o in self.spec.observers if o.model is not None}
+        roi = self.spec.roi
+        if roi is not None and self.spec.observer(roi.observer).model is not None:
+            sources[f"{roi.observer}_roi.csv"] = roi.predictions
+        for name, source in sources.items():
+            (staging / "predictions").mkdir(exist_ok=True)
+            shutil.copyfile(self.spec.path(source), staging / "predictions" / name)
+        return [f"predictions/{name}" for name in sources]
 
     def _manifest(self, files, seconds) -> dict:
         fits = self.fit_records()

@@ -15,6 +15,7 @@ import yaml
 
 from .errors import PerceptcoreError
 from .latent_model import METHODS, PARAMETERISATIONS, Priors
+from .perturbation import REGIONS
 
 DEFAULT_METRICS = ("predictive_confidence", "ks_separability", "simpsons_paradox", "roi_separability")
 FIGURE_FORMATS = ("png", "svg", "pdf")
@@ -39,12 +40,40 @@ class CasesSection:
 
 @attrs.frozen
 class ObserverSection:
-    """One observer group (radiologists, one DNN arm, ...): a tidy CSV or a published pickle."""
+    """One observer group: its predictions (a tidy CSV or a published pickle), or a model plugin
+    whose predictions the runner computes from the images, one reader per checkpoint."""
 
     name: str
-    predictions: str
+    predictions: typing.Optional[str] = None
     likelihood: str = "auto"  # auto: binary when every prediction is 0 or 1
     columns: dict = attrs.field(factory=dict)  # tidy column names: reader, severity, case, prediction
+    model: typing.Optional[str] = None
+    checkpoints: tuple = ()
+    options: dict = attrs.field(factory=dict)  # the model plugin's options
+
+
+@attrs.frozen
+class ImagesSection:
+    """The case manifest: one row per image (case, view, laterality, file, pixel spacing, ROIs)."""
+
+    manifest: str
+    id: tuple = ("case",)
+
+
+@attrs.frozen
+class PerturbationSection:
+    """The perturbation the runner applies at every severity, and where in the image."""
+
+    name: str
+    options: dict = attrs.field(factory=dict)
+    regions: tuple = ("entire_image",)
+
+
+@attrs.frozen
+class RunnerSection:
+    batch_size: int = 8  # cases per work unit
+    workers: int = 1  # processes computing predictions in parallel
+    cache: str = ".perceptcore-cache"  # relative to the spec's folder; finished work units are kept here
 
 
 @attrs.frozen
@@ -52,6 +81,7 @@ class RoiSection:
     """Observed predictions with perturbation restricted to ROI interior / exterior."""
 
     observer: str  # the observer group whose whole-image predictions are the `entire_image` region
+    # For a model observer, give nothing else: the runner perturbs the manifest's ROIs itself.
     predictions: typing.Optional[str] = None  # tidy: one CSV with a region column
     interior: typing.Optional[str] = None  # published layout: two pickles and the exam list
     exterior: typing.Optional[str] = None
@@ -109,6 +139,9 @@ class Spec:
     subgroups: SubgroupsSection
     data_dir: str = "."
     roi: typing.Optional[RoiSection] = None
+    images: typing.Optional[ImagesSection] = None
+    perturbation: typing.Optional[PerturbationSection] = None
+    runner: RunnerSection = RunnerSection()
     model: ModelSection = ModelSection()
     analyses: AnalysesSection = AnalysesSection()
     outputs: OutputsSection = OutputsSection()
@@ -243,6 +276,11 @@ def _join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
+def structure(cls, raw: dict, where: str):
+    """An attrs class (e.g. a plugin's Options) from a spec mapping: unknown keys and wrong types are errors."""
+    return _build(cls, raw, where)
+
+
 def _build(cls, raw, where):
     if not isinstance(raw, dict):
         raise PerceptcoreError(f"expected a mapping with keys {', '.join(_keys(cls))}", where or None)
@@ -261,7 +299,10 @@ def _build(cls, raw, where):
                 raise PerceptcoreError("required key is missing", here)
             continue
         values[name] = _convert(hints[name], raw[name], here, (cls.__name__, name))
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # a plugin's Options validators
+        raise PerceptcoreError(str(exc), where or None) from None
 
 
 def _keys(cls):
@@ -323,6 +364,16 @@ def _check(spec: Spec) -> None:
             fail(f"observer name {name!r} may hold only letters, digits, '_' and '-'", f"observers[{i}].name")
         if names.index(name) != i:
             fail(f"observer name {name!r} is used twice", f"observers[{i}].name")
+        observer = spec.observers[i]
+        if (observer.predictions is None) == (observer.model is None):
+            fail("give either predictions (a file) or model (a model plugin with checkpoints)", f"observers[{i}]")
+        if observer.model is not None:
+            if not observer.checkpoints:
+                fail("a model observer needs at least one checkpoint (each is one reader)", f"observers[{i}].checkpoints")
+            for section in ("images", "perturbation"):
+                if getattr(spec, section) is None:
+                    fail(f"observer {name!r} is computed by a model, which needs an `{section}` section",
+                         f"observers[{i}].model")
         if spec.observers[i].likelihood not in ("auto", "binary", "soft"):
             fail(f"unknown likelihood {spec.observers[i].likelihood!r}; expected auto, binary or soft",
                  f"observers[{i}].likelihood")
@@ -371,6 +422,16 @@ def _check(spec: Spec) -> None:
             fail("a prior standard deviation must be positive", f"model.priors.{key}")
     if not 0 < spec.analyses.alpha < 1:
         fail("must lie between 0 and 1", "analyses.alpha")
+    if spec.perturbation is not None:
+        for i, region in enumerate(spec.perturbation.regions):
+            if region not in REGIONS:
+                fail(f"unknown region {region!r}; expected one of {', '.join(REGIONS)}", f"perturbation.regions[{i}]")
+        if "entire_image" not in spec.perturbation.regions:
+            fail("include entire_image: the whole-image predictions are what the latent model analyses",
+                 "perturbation.regions")
+    for key in ("batch_size", "workers"):
+        if getattr(spec.runner, key) < 1:
+            fail("must be at least 1", f"runner.{key}")
     for i, fmt in enumerate(spec.outputs.figures):
         if fmt not in FIGURE_FORMATS:
             fail(f"unknown figure format {fmt!r}; expected {', '.join(FIGURE_FORMATS)}", f"outputs.figures[{i}]")
@@ -379,7 +440,16 @@ def _check(spec: Spec) -> None:
         if roi.observer not in names:
             fail(f"no observer group named {roi.observer!r}; observers are {', '.join(names)}", "roi.observer")
         published = (roi.interior, roi.exterior, roi.exams)
-        if roi.predictions is None and None in published:
+        modelled = spec.observer(roi.observer).model is not None
+        if modelled:
+            if roi.predictions is not None or any(p is not None for p in published):
+                fail(f"{roi.observer!r} is a model observer: the runner computes its ROI predictions; give no files",
+                     "roi")
+            regions = spec.perturbation.regions if spec.perturbation else ()
+            if not {"roi_interior", "roi_exterior"} <= set(regions):
+                fail("the ROI analysis of a model observer needs perturbation.regions to include roi_interior "
+                     "and roi_exterior", "roi")
+        elif roi.predictions is None and None in published:
             fail("give either predictions (a tidy CSV) or interior, exterior and exams (published layout)", "roi")
         if roi.predictions is not None and any(p is not None for p in published):
             fail("give predictions or interior/exterior/exams, not both", "roi")

@@ -97,7 +97,12 @@ def test_unknown_nested_key(tmp_path, capsys):
 
 
 def test_missing_required_key(tmp_path, capsys):
-    run_bad(tmp_path, capsys, "spec.yaml: observers[1].predictions: required key is missing",
+    run_bad(tmp_path, capsys, "spec.yaml: observers[1].name: required key is missing",
+            spec_edit=edit(observers__1__name=DELETE))
+
+
+def test_observer_without_predictions_or_model(tmp_path, capsys):
+    run_bad(tmp_path, capsys, "spec.yaml: observers[1]: give either predictions (a file) or model",
             spec_edit=edit(observers__1__predictions=DELETE))
 
 

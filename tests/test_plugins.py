@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import attrs
 import pytest
 
 import perceptcore.plugins
 from perceptcore.cli import main
 from perceptcore.errors import PerceptcoreError
-from perceptcore.plugins import KINDS, HookSpecs, hookimpl, load_registry
+from perceptcore.plugins import KINDS, HookSpecs, Registry, hookimpl, load_registry
 from synthetic import write_study
 
 CORE = Path(perceptcore.plugins.__file__).resolve().parent
@@ -39,16 +40,28 @@ def plugin_module(name: str, **hooks) -> types.ModuleType:
 
 class BoxBlur:
     name = "box_blur"
+    severity_unit = "pixels"
 
-    def perturb(self, image, severity):
-        return image
+    @attrs.frozen
+    class Options:
+        pass
+
+    def perturb(self, batch, severity, options, generator):
+        return batch.pixels
 
 
 class ConstantModel:
     name = "constant_model"
 
-    def predict(self, images):
-        return np.full(len(images), 0.5)
+    @attrs.frozen
+    class Options:
+        pass
+
+    def load(self, checkpoint, options, device):
+        return None
+
+    def predict(self, loaded, cases):
+        return np.full(len(cases), 0.5)
 
 
 class HalfSplit:
@@ -129,7 +142,7 @@ def test_one_plugin_may_register_several_kinds_and_objects():
     )
     registry = load_registry(extra_plugins=[("multi", module)])
     assert {i.name for i in registry.all("metric") if i.plugin == "multi"} == {"count_metric", "other"}
-    assert [i.name for i in registry.all("perturbation")] == ["box_blur"]
+    assert [i.name for i in registry.all("perturbation") if i.plugin == "multi"] == ["box_blur"]
 
 
 def _named(cls, name):
@@ -209,8 +222,11 @@ def test_unknown_name_lists_what_exists_and_suggests():
         registry.get("metric", "predictive_confidance", "analyses.metrics[0]")
     assert info.value.where == "analyses.metrics[0]"
     assert "did you mean 'predictive_confidence'?" in info.value.message
+    with pytest.raises(PerceptcoreError, match=r"unknown perturbation 'gaussian_lowpas'; did you mean 'gaussian_lowpass'\? "
+                                               r"available: .*gaussian_noise"):
+        registry.get("perturbation", "gaussian_lowpas", "x")
     with pytest.raises(PerceptcoreError, match=r"unknown perturbation 'blur'; available: none \(is a plugin missing\?\)"):
-        registry.get("perturbation", "blur", "x")
+        Registry().get("perturbation", "blur", "x")
 
 
 # --------------------------------------------------------------------------- the plugins command
@@ -223,6 +239,12 @@ BUNDLED = {
     "roi_separability": "metric",
     "stan": "backend",
     "torch": "backend",
+    "small_cnn": "model",
+    "gaussian_lowpass": "perturbation",
+    "ideal_lowpass": "perturbation",
+    "ideal_highpass": "perturbation",
+    "gaussian_noise": "perturbation",
+    "patch_shuffle": "perturbation",
 }
 
 

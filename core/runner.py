@@ -1,0 +1,282 @@
+"""From images to predictions: the prediction runner behind model observers.
+
+For every model observer (a model plugin and its checkpoints, one reader each), every
+case of the image manifest is perturbed at every severity and in every region of the
+spec's `perturbation` section, and the model predicts P(positive) per case. The result
+is the tidy prediction table (and the ROI table) the analyses read, so a study can start
+from images.
+
+Work is split into units of (observer, checkpoint, chunk of `runner.batch_size` cases).
+Each unit loads its images once, perturbs them at every severity and composites each
+region, and predicts the whole chunk at once. A finished unit is stored in the cache under
+a hash of everything it depends on (model, checkpoint contents, options, the images' files,
+ROIs, perturbation, severities, seed), so a rerun — after an interruption or of the same
+spec — skips it. A unit always holds the same cases, so resumed and uninterrupted runs
+compute every prediction identically. Units run in `runner.workers` processes.
+
+Images without an ROI have an empty ROI: perturbing the interior leaves them unchanged,
+perturbing the exterior perturbs all of them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import attrs
+import numpy as np
+import pandas as pd
+
+from . import images as image_io
+from .errors import PerceptcoreError
+from .perturbation import ImageBatch, restrict
+from .plugins import Registry
+from .spec import Spec, structure
+
+
+@attrs.frozen(eq=False)
+class ViewImage:
+    """One perturbed image of a case: float32 grey levels (H, W), its spacing and grey-level range."""
+
+    view: str
+    laterality: str
+    pixels: object  # torch.Tensor
+    spacing_mm: float
+    max_value: float
+
+
+@attrs.frozen(eq=False)
+class CaseImages:
+    case: str
+    images: tuple  # of ViewImage
+
+
+@runtime_checkable
+class Model(Protocol):
+    """name; Options, an attrs class of typed options (all with defaults);
+    load(checkpoint, options, device) -> a loaded model; predict(loaded, cases) -> P(positive) per case."""
+
+    name: str
+    Options: type
+
+    def load(self, checkpoint: Path, options, device: str):
+        """The model with the checkpoint's weights, ready to predict (never unpickles arbitrary objects)."""
+
+    def predict(self, loaded, cases: list) -> np.ndarray:
+        """P(positive) for each CaseImages, as a float array of len(cases)."""
+
+
+@attrs.frozen(eq=False)
+class _Unit:
+    """Everything one work unit needs, picklable for the worker processes."""
+
+    key: str
+    path: Path
+    model: object
+    options: object
+    checkpoint: Path
+    perturbation: object
+    perturbation_options: object
+    severities: tuple  # floats
+    regions: tuple
+    records: tuple  # ImageRecord of the unit's cases
+    cases: tuple
+    seed: int
+    threads: int
+
+
+class Runner:
+    """Validates everything the model observers need on construction; `run` computes what the cache lacks."""
+
+    def __init__(self, spec: Spec, registry: Registry):
+        self.spec = spec
+        self.observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
+        if not self.observers:
+            self.units = []
+            return
+        manifest_path = spec.path(spec.images.manifest)
+        self.manifest = image_io.load_manifest(manifest_path, "images.manifest", tuple(spec.images.id))
+        p = spec.perturbation
+        self.perturbation = registry.get("perturbation", p.name, "perturbation.name")
+        self.perturbation_options = structure(self.perturbation.Options, p.options, "perturbation.options")
+        self.severities = tuple(_severity_value(label, i) for i, label in enumerate(spec.severities.levels))
+        self.regions = tuple(p.regions)
+        if set(self.regions) - {"entire_image"} and not any(r.has_roi for r in self.manifest):
+            raise PerceptcoreError("perturbation.regions asks for ROI regions but no manifest row has an ROI",
+                                   "images.manifest")
+        self.cache = Path(spec.base) / spec.runner.cache
+        threads = 1 if spec.runner.workers > 1 else max(1, os.cpu_count() or 1)
+        by_case = {case: tuple(self.manifest.for_case(case)) for case in self.manifest.cases}
+        cases = list(by_case)
+        size = spec.runner.batch_size
+        chunks = [cases[i:i + size] for i in range(0, len(cases), size)]
+        image_keys = {case: [_file_key(r.file) + [list(map(list, r.roi_boxes)),
+                                                  _file_key(r.roi_mask) if r.roi_mask else None,
+                                                  r.view, r.laterality, r.pixel_spacing_mm, r.bits]
+                             for r in records] for case, records in by_case.items()}
+        self.units = []
+        for i, observer in self.observers:
+            model = registry.get("model", observer.model, f"observers[{i}].model")
+            options = structure(model.Options, observer.options, f"observers[{i}].options")
+            names = []
+            for j, checkpoint in enumerate(observer.checkpoints):
+                path = spec.path(checkpoint)
+                if not path.is_file():
+                    raise PerceptcoreError(f"file not found: {path}", f"observers[{i}].checkpoints[{j}]")
+                names.append(path.stem)
+                digest = _sha256(path)
+                for chunk in chunks:
+                    key = _hash([model.name, attrs.asdict(options, recurse=True), digest, p.name,
+                                 attrs.asdict(self.perturbation_options, recurse=True), self.severities, self.regions,
+                                 spec.study.seed, chunk, [image_keys[c] for c in chunk]])
+                    self.units.append(_Unit(
+                        key=key, path=self.cache / observer.name / f"{key}.npz", model=model, options=options,
+                        checkpoint=path, perturbation=self.perturbation,
+                        perturbation_options=self.perturbation_options, severities=self.severities,
+                        regions=self.regions, records=tuple(r for c in chunk for r in by_case[c]), cases=tuple(chunk),
+                        seed=spec.study.seed, threads=threads))
+            if len(set(names)) != len(names):
+                raise PerceptcoreError("checkpoint file names must differ: each names a reader",
+                                       f"observers[{i}].checkpoints")
+
+    @property
+    def n_predictions(self) -> int:
+        return sum(len(u.cases) for u in self.units) * len(getattr(self, "severities", ())) * len(getattr(self, "regions", ()))
+
+    def run(self, progress: Callable[[str], None]) -> Spec:
+        """Compute the missing units and return the spec with the model observers' predictions filled in."""
+        if not self.observers:
+            return self.spec
+        todo = [u for u in self.units if not u.path.exists()]
+        done = len(self.units) - len(todo)
+        progress(f"predicting: {len(self.units)} work units, {done} already in the cache ({self.cache})")
+        workers = min(self.spec.runner.workers, max(len(todo), 1))
+        if workers > 1:
+            # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for n, _ in enumerate(pool.map(compute_unit, todo), start=1):
+                    progress(f"predicting: {done + n}/{len(self.units)} work units done")
+        else:
+            for n, unit in enumerate(todo, start=1):
+                compute_unit(unit)
+                progress(f"predicting: {done + n}/{len(self.units)} work units done")
+        return self._tables()
+
+    def _tables(self) -> Spec:
+        spec = self.spec
+        folder = self.cache / "tables"
+        folder.mkdir(parents=True, exist_ok=True)
+        observers = list(spec.observers)
+        roi = spec.roi
+        labels = spec.severities.levels
+        for i, observer in self.observers:
+            rows = []
+            for unit in (u for u in self.units if u.path.parent.name == observer.name):
+                with np.load(unit.path) as stored:
+                    values = stored["predictions"]  # (regions, severities, cases)
+                reader = unit.checkpoint.stem
+                for r, region in enumerate(unit.regions):
+                    for s, label in enumerate(labels):
+                        rows += [(reader, label, case, region, float(v)) for case, v in zip(unit.cases, values[r, s])]
+            table = pd.DataFrame(rows, columns=["reader", "severity", "case", "region", "prediction"])
+            whole = folder / f"{observer.name}.csv"
+            _write_csv(table[table.region == "entire_image"].drop(columns="region"), whole)
+            observers[i] = attrs.evolve(observer, predictions=str(whole), columns={})
+            if roi is not None and roi.observer == observer.name:
+                regional = table[table.region != "entire_image"].assign(annotator="manifest")
+                path = folder / f"{observer.name}_roi.csv"
+                _write_csv(regional[["annotator", "reader", "severity", "case", "region", "prediction"]], path)
+                roi = attrs.evolve(roi, predictions=str(path), columns={})
+        return attrs.evolve(spec, observers=tuple(observers), roi=roi)
+
+
+_LOADED: dict = {}  # per process: loaded models by (model, checkpoint, options)
+
+
+def compute_unit(unit: _Unit) -> None:
+    """Predict one work unit and store it atomically in the cache."""
+    import torch
+
+    torch.set_num_threads(unit.threads)
+    model_key = (unit.model.name, str(unit.checkpoint), repr(unit.options))
+    if model_key not in _LOADED:
+        _LOADED.clear()  # one checkpoint at a time per process is enough and bounds memory
+        _LOADED[model_key] = unit.model.load(unit.checkpoint, unit.options, "cpu")
+    loaded = _LOADED[model_key]
+    views = []
+    for record in unit.records:
+        image = image_io.read_image(record, "images.manifest")
+        # No ROI: an empty one, so the interior is never perturbed and the exterior is the whole image.
+        inside = (torch.from_numpy(image_io.roi(record, image)) if record.has_roi
+                  else torch.zeros(image.pixels.shape, dtype=torch.bool))
+        views.append((record, torch.from_numpy(image.pixels.astype(np.float32)), image, inside))
+    predictions = np.empty((len(unit.regions), len(unit.severities), len(unit.cases)))
+    for s, severity in enumerate(unit.severities):
+        perturbed = []
+        for record, pixels, image, inside in views:
+            generator = torch.Generator().manual_seed(_seed(unit.seed, record, s))
+            batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
+            whole = unit.perturbation.perturb(batch, severity, unit.perturbation_options, generator)[0]
+            perturbed.append((record, pixels, image, inside, whole))
+        for r, region in enumerate(unit.regions):
+            cases = []
+            for case in unit.cases:
+                mine = [p for p in perturbed if p[0].case == case]
+                cases.append(CaseImages(case, tuple(
+                    ViewImage(record.view, record.laterality, restrict(pixels, whole, region, inside),
+                              image.pixel_spacing_mm, float(image.max_value))
+                    for record, pixels, image, inside, whole in mine)))
+            with torch.no_grad():
+                values = np.asarray(unit.model.predict(loaded, cases), dtype=float).reshape(-1)
+            if values.shape != (len(cases),) or not np.all((values >= 0) & (values <= 1)):
+                raise PerceptcoreError(f"model {unit.model.name!r} returned {values.shape[0]} values for {len(cases)} "
+                                       "cases, or values outside [0, 1]", "observers.model")
+            predictions[r, s] = values
+    unit.path.parent.mkdir(parents=True, exist_ok=True)
+    partial = unit.path.with_name(f"{unit.key}.{os.getpid()}.partial")
+    with open(partial, "wb") as f:  # a file object, so NumPy does not append .npz to the name
+        np.savez(f, predictions=predictions, cases=np.asarray(unit.cases))
+    partial.replace(unit.path)  # atomic: an interrupted unit leaves nothing the next run would trust
+
+
+def _severity_value(label: str, i: int) -> float:
+    try:
+        return float(label)
+    except ValueError:
+        raise PerceptcoreError(f"severity {label!r} must be a number to perturb images with it",
+                               f"severities.levels[{i}]") from None
+
+
+def _seed(study_seed: int, record, severity_index: int) -> int:
+    """A generator seed per (image, severity), independent of order, worker and batch."""
+    text = f"{study_seed}|{record.case}|{record.view}|{record.laterality}|{record.file.name}|{severity_index}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _file_key(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    table.to_csv(partial, index=False)
+    partial.replace(path)

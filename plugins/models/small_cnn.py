@@ -1,0 +1,84 @@
+"""A small convolutional observer: enough network to be a real machine observer in tests and
+demos, small enough to train on a CPU in seconds.
+
+Each image is reduced to `input_size` x `input_size` pixels by area averaging, scaled to
+[0, 1] by its grey-level range, and passed through four conv-ReLU-pool stages and a
+linear head; a case's P(positive) is the mean of its images' probabilities.
+Checkpoints are plain state dicts (`torch.save(model.state_dict(), path)`), loaded with
+`weights_only=True`, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from perceptcore.errors import PerceptcoreError
+from perceptcore.plugins import hookimpl
+
+
+def _at_least_16(instance, attribute, value):
+    if value < 16 or value % 16:
+        raise ValueError(f"{attribute.name} must be a multiple of 16 (four 2x poolings), got {value}")
+
+
+@attrs.frozen
+class Options:
+    input_size: int = attrs.field(default=64, validator=_at_least_16)
+    width: int = 8  # channels of the first stage; doubled at each stage
+
+
+class SmallCnnNetwork(nn.Module):
+    def __init__(self, options: Options):
+        super().__init__()
+        self.input_size = options.input_size
+        channels = [1] + [options.width * 2**i for i in range(4)]
+        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels, channels[1:]))
+        self.head = nn.Linear(channels[-1], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) of images (B, 1, input_size, input_size) scaled to [0, 1]."""
+        for conv in self.stages:
+            x = F.max_pool2d(F.relu(conv(x)), 2)
+        return self.head(x.mean(dim=(2, 3))).squeeze(1)
+
+
+def prepare(pixels: torch.Tensor, max_value: float, size: int) -> torch.Tensor:
+    """One image (H, W) in grey levels -> (1, size, size) in [0, 1]."""
+    scaled = pixels.to(torch.float32)[None, None] / max_value
+    return F.adaptive_avg_pool2d(scaled, size)[0]
+
+
+class SmallCnn:
+    name = "small_cnn"
+    Options = Options
+
+    def load(self, checkpoint: Path, options: Options, device: str) -> SmallCnnNetwork:
+        network = SmallCnnNetwork(options)
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+            network.load_state_dict(state)
+        except Exception as exc:  # wrong file, wrong options, or a pickle that is not a plain state dict
+            raise PerceptcoreError(f"{checkpoint}: not a small_cnn checkpoint for these options "
+                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})", "observers.checkpoints") from None
+        return network.to(device).eval()
+
+    def predict(self, loaded: SmallCnnNetwork, cases: list) -> np.ndarray:
+        inputs, owner = [], []
+        for i, case in enumerate(cases):
+            for view in case.images:
+                inputs.append(prepare(view.pixels, view.max_value, loaded.input_size))
+                owner.append(i)
+        probabilities = torch.sigmoid(loaded(torch.stack(inputs))).double().numpy()
+        owner = np.asarray(owner)
+        return np.array([probabilities[owner == i].mean() for i in range(len(cases))])
+
+
+@hookimpl
+def perceptcore_register_models(register):
+    register(SmallCnn())

@@ -1,0 +1,175 @@
+"""Frequency grid, severity conversion and the filtering pass shared by the Fourier filters.
+
+Conventions (those of the published Gaussian low-pass filter):
+
+- The spectrum is the 2-D DFT over the last two dims. In the *shifted* spectrum (fftshift)
+  the zero frequency sits at row floor(H/2), column floor(W/2) — the published centre
+  (floor(W/2), floor(H/2)) in (x, y) — and D(u, v) is the Euclidean distance from it in
+  frequency-index units.
+- A severity is a frequency in cycles per mm on the breast (D0 or R), or a wavelength w mm
+  (D0 = 1/w). With alpha = min(H, W) pixels and beta = the pixel spacing in mm, the radius in
+  frequency-index units is D0_img = D0 * alpha * beta.
+
+Why the fast path is exact. fftshift is a permutation that moves unshifted index j to
+(j + floor(N/2)) mod N, so the shifted-spectrum distance of unshifted index j along one axis
+is k(j) = ((j + floor(N/2)) mod N) - floor(N/2); multiplying the shifted spectrum by the mask
+and shifting back is the same as multiplying the unshifted spectrum by M(k(j_row), k(j_col)),
+with no shift at all. Each mask here depends only on k_row² + k_col², and k(N - j) = -k(j)
+except at an even N's Nyquist index, where the two coincide; so M is Hermitian-symmetric like
+the spectrum of a real image, the filtered spectrum stays Hermitian and its inverse DFT is
+real. The real part of the full inverse DFT therefore equals irfft2 of the half spectrum
+(columns 0..floor(W/2)) times the mask's matching half, which is what `filtered` computes.
+
+Masks are cached per (H, W, radius, device, dtype) (8 each; a 3328 x 2560 float32 half mask
+is 17 MB), squared-distance grids per (H, W, device) (2).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import attrs
+import scipy.fft
+import torch
+
+from perceptcore.errors import PerceptcoreError
+from perceptcore.perturbation import ImageBatch, working_dtype
+
+from ._common import check_severity, one_of
+
+UNITS = ("mm", "cycles_per_mm")
+RESCALES = ("minmax", "preserve")
+
+
+def unit_option(default: str):
+    """An attrs field for the severity unit: "mm" (a wavelength w, D0 = 1/w) or "cycles_per_mm"."""
+    return attrs.field(default=default, validator=one_of(*UNITS))
+
+
+def rescale_option():
+    """An attrs field for the output intensities: "minmax" (published, the default) or "preserve"."""
+    return attrs.field(default="minmax", validator=one_of(*RESCALES))
+
+
+def cycles_per_mm(severity: float, unit: str) -> float:
+    """The severity (> 0) as a frequency in cycles per mm on the breast."""
+    return 1.0 / severity if unit == "mm" else float(severity)
+
+
+def index_radius(frequency_cycles_per_mm: float, shape: tuple[int, int], spacing_mm: float) -> float:
+    """D0_img = D0 * min(H, W) * spacing: the radius in frequency-index units of an H x W image."""
+    return frequency_cycles_per_mm * min(shape) * spacing_mm
+
+
+def signed_index(n: int, length: int, device) -> torch.Tensor:
+    """k(j) = ((j + floor(n/2)) mod n) - floor(n/2) for j < length: the shifted-spectrum offset."""
+    j = torch.arange(length, dtype=torch.float64, device=device)
+    return torch.remainder(j + n // 2, n) - n // 2
+
+
+@lru_cache(maxsize=2)
+def squared_distance(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """D² over the half spectrum of rfft2, (H, floor(W/2) + 1) float64 (exact integers)."""
+    rows = signed_index(height, height, device)
+    cols = signed_index(width, width // 2 + 1, device)
+    return rows[:, None] ** 2 + cols[None, :] ** 2
+
+
+class FourierFilter:
+    """A mask on the centred spectrum; subclasses give `name`, `severity_unit`, `Options` and `mask`.
+
+    `mask(height, width, radius, device, dtype)` returns the half-spectrum mask (cache it); the
+    severity is converted with the options' `unit` to a radius in frequency-index units per image.
+    Severity 0 means unperturbed and returns the input unchanged, whatever the unit.
+    """
+
+    def mask(self, height: int, width: int, radius: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def radii(self, batch: ImageBatch, severity: float, unit: str) -> list[float]:
+        frequency = cycles_per_mm(severity, unit)
+        shape = tuple(batch.pixels.shape[-2:])
+        spacings = [float(s) for s in batch.spacing_mm.reshape(-1).tolist()]
+        if any(not math.isfinite(s) or s <= 0 for s in spacings):
+            raise PerceptcoreError(f"pixel spacing must be > 0 mm, got {spacings}", f"perturbation {self.name!r}")
+        if len(spacings) == 1:
+            spacings = spacings * batch.pixels.shape[0]
+        if len(spacings) != batch.pixels.shape[0]:
+            raise PerceptcoreError(f"{len(spacings)} pixel spacings for {batch.pixels.shape[0]} images",
+                                   f"perturbation {self.name!r}")
+        return [index_radius(frequency, shape, s) for s in spacings]
+
+    def filtered(self, batch: ImageBatch, severity: float, options) -> torch.Tensor:
+        """The real part of the filtered image: unclipped, unrescaled, in the working precision."""
+        pixels = batch.pixels
+        height, width = pixels.shape[-2:]
+        dtype = working_dtype(pixels.dtype)
+        radii = self.radii(batch, severity, options.unit)
+        masks = {r: self.mask(height, width, r, pixels.device, dtype) for r in set(radii)}
+        mask = masks[radii[0]] if len(masks) == 1 else torch.stack([masks[r] for r in radii])
+        return apply_half_mask(pixels.detach().to(dtype), mask)
+
+    def perturb(self, batch: ImageBatch, severity: float, options, generator: torch.Generator) -> torch.Tensor:
+        severity = check_severity(self.name, severity)
+        if severity == 0:
+            return batch.pixels.clone()
+        out = self.filtered(batch, severity, options)
+        return finish(out, options.rescale, batch.max_value).to(batch.pixels.dtype)
+
+
+def apply_half_mask(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """irfft2(rfft2(pixels) * mask) over the last two dims; `mask` is (H, W//2 + 1) or (B, H, W//2 + 1).
+
+    CPU tensors go through scipy.fft (pocketfft, threaded with torch's thread count), which on
+    CPU is 2-3x faster here than torch.fft's inverse real transform; other devices use
+    torch.fft. Both compute the same transforms; the result is a new tensor.
+    """
+    if pixels.device.type == "cpu":
+        return apply_half_mask_scipy(pixels, mask)
+    return apply_half_mask_torch(pixels, mask)
+
+
+def apply_half_mask_scipy(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    height, width = pixels.shape[-2:]
+    workers = max(torch.get_num_threads(), 1)
+    spectrum = scipy.fft.rfft2(pixels.numpy(), workers=workers)
+    spectrum *= mask.numpy()
+    return torch.from_numpy(scipy.fft.irfft2(spectrum, s=(height, width), workers=workers, overwrite_x=True))
+
+
+def apply_half_mask_torch(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    height, width = pixels.shape[-2:]
+    spectrum = torch.fft.rfft2(pixels)
+    spectrum.mul_(mask)
+    return torch.fft.irfft2(spectrum, s=(height, width))
+
+
+def finish(values: torch.Tensor, rescale: str, max_value: float) -> torch.Tensor:
+    """Map a filtered image back to grey levels, in place.
+
+    minmax (published): per image, (x - min) / (max - min) * max_value, then truncated toward
+    zero like NumPy's ``astype(np.uint16)`` (the values lie in [0, max_value], so this is floor);
+    a constant image becomes 0. preserve: the values as they are, clipped to [0, max_value]
+    (not rounded).
+    """
+    if rescale == "preserve":
+        return values.clamp_(0, max_value)
+    low, high = torch.aminmax(values.reshape(values.shape[0], -1), dim=1)
+    low, span = low[:, None, None], (high - low)[:, None, None]
+    span = torch.where(span > 0, span, torch.ones_like(span))  # constant image: all 0
+    # Divide first, as published: x - low lies in [0, span] (rounding is monotonic), so the
+    # quotient lies in [0, 1], the maximum maps to exactly max_value and no clamp is needed.
+    return values.sub_(low).div_(span).mul_(max_value).trunc_()
+
+
+@lru_cache(maxsize=8)
+def ideal_lowpass_mask(height: int, width: int, radius: float, device: torch.device,
+                       dtype: torch.dtype, keep_low: bool = True) -> torch.Tensor:
+    """1 where D <= radius (keep_low) or D > radius (not keep_low), else 0; half spectrum.
+
+    The two masks are complementary, so an ideal low-pass and high-pass at the same radius sum
+    to the original image (before clipping or rescaling).
+    """
+    inside = squared_distance(height, width, device) <= radius * radius
+    return (inside if keep_low else ~inside).to(dtype)
