@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     design.add_argument("--exam-column", default="exam")
     design.add_argument("--case-column", default="case")
     design.add_argument("--out", required=True, help="folder for assignment.csv, exams.csv and worksheets/")
+    design.add_argument("--images", metavar="MANIFEST", help="also write each reader's perturbed images, in reading "
+                        "order, from this image manifest")
+    design.add_argument("--perturbation", help="the perturbation plugin for --images (e.g. gaussian_lowpass)")
+    design.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the perturbation, e.g. --option unit=mm")
 
     reads = commands.add_parser("import-reads", help="turn filled worksheets into a tidy prediction table")
     reads.add_argument("design", help="the folder design-reader-study wrote")
@@ -125,6 +130,7 @@ def _plugins(args) -> int:
 
 def _design_reader_study(args) -> int:
     from . import reader_study
+    from .run import progress_to_stderr
     from .data import read_table, require_columns
 
     out = Path(args.out)
@@ -135,11 +141,19 @@ def _design_reader_study(args) -> int:
     require_columns(table, [args.exam_column, args.case_column], path, str(path))
     cases_of_exam = reader_study.cases_by_exam(table, args.exam_column, args.case_column)
     readers = _reader_names(args.readers)
+    imaging = _reader_images_setup(args) if args.images or args.perturbation else None
     assignment = reader_study.assign(list(cases_of_exam), readers, args.severities, args.scheme, args.seed)
     sheets = reader_study.worksheets(assignment, cases_of_exam)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "worksheets").mkdir(parents=True)
+    if imaging is not None:
+        try:
+            reader_study.write_images(assignment, cases_of_exam, *imaging, args.seed, staging / "images",
+                                      progress_to_stderr)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     assignment.to_csv(staging / "assignment.csv", index=False)
     pd.DataFrame([(e, c) for e, cs in cases_of_exam.items() for c in cs], columns=["exam", "case"]).to_csv(
         staging / "exams.csv", index=False)
@@ -148,6 +162,31 @@ def _design_reader_study(args) -> int:
     staging.rename(out)
     print(f"wrote {out}: {len(readers)} readers x {len(cases_of_exam)} exams ({args.scheme}, seed {args.seed})")
     return 0
+
+
+def _reader_images_setup(args):
+    """Everything write_images needs, checked before any image is written."""
+    import yaml
+
+    from .images import load_manifest
+    from .plugins import load_registry
+    from .runner import severity_value
+    from .spec import structure
+
+    if not (args.images and args.perturbation):
+        raise PerceptcoreError("give both --images and --perturbation to write the readers' images",
+                               "--images" if not args.images else "--perturbation")
+    manifest = load_manifest(Path(args.images), "--images")
+    perturbation = load_registry().get("perturbation", args.perturbation, "--perturbation")
+    raw = {}
+    for option in args.options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise PerceptcoreError(f"expected key=value, got {option!r}", "--option")
+        raw[key.strip()] = yaml.safe_load(value)
+    options = structure(perturbation.Options, raw, "--option")
+    severities = {label: severity_value(label, f"--severities[{i}]") for i, label in enumerate(args.severities)}
+    return manifest, perturbation, options, severities
 
 
 def _reader_names(text: str) -> list[str]:

@@ -105,6 +105,50 @@ def _call(value, calls: str, where: str) -> float:
     return number
 
 
+def write_images(assignment: pd.DataFrame, cases_of_exam: dict, manifest, perturbation, options, severities: dict,
+                 seed: int, folder: Path, progress) -> int:
+    """Each reader's images, perturbed at the assigned severity, named in reading order.
+
+    `severities` maps each severity label to its number. The images are exactly those the
+    runner gives the models at that severity (same perturbation, same per-image seed), as
+    16-bit PNGs: `<folder>/<reader>/<order>_<exam>_<case>_<laterality>_<view>.png`.
+    """
+    import torch
+    from PIL import Image
+
+    from .images import read_image
+    from .runner import perturb_image
+
+    labels = list(severities)
+    written = 0
+    for n, row in enumerate(assignment.itertuples(index=False), start=1):
+        out = folder / _safe(row.reader)
+        out.mkdir(parents=True, exist_ok=True)
+        for case in cases_of_exam[row.exam]:
+            records = manifest.for_case(case)
+            if not records:
+                raise PerceptcoreError(f"case {case!r} of exam {row.exam!r} has no image in the manifest",
+                                       str(manifest.path))
+            for record in records:
+                image = read_image(record, str(manifest.path))
+                pixels = torch.from_numpy(image.pixels.astype(np.float32))
+                shown = perturb_image(perturbation, options, record, pixels, image, severities[row.severity],
+                                      labels.index(row.severity), seed)
+                grey = np.clip(np.rint(shown.cpu().numpy()), 0, image.max_value).astype(np.uint16)
+                name = "_".join(_safe(str(x)) for x in (f"{int(row.order):04d}", row.exam, case, record.laterality,
+                                                         record.view))
+                Image.fromarray(grey).save(out / f"{name}.png")
+                written += 1
+        if n % 50 == 0 or n == len(assignment):
+            progress(f"reader images: {n}/{len(assignment)} readings written")
+    return written
+
+
+def _safe(text: str) -> str:
+    """A file-name-safe version of an id ('12/left' -> '12-left')."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
 def cases_by_exam(table: pd.DataFrame, exam_column: str, case_column: str) -> dict:
     """{exam: [its cases, in first-seen order]} from any table with exam and case columns."""
     grouped: dict = {}

@@ -104,7 +104,8 @@ class Runner:
         p = spec.perturbation
         self.perturbation = registry.get("perturbation", p.name, "perturbation.name")
         self.perturbation_options = structure(self.perturbation.Options, p.options, "perturbation.options")
-        self.severities = tuple(_severity_value(label, i) for i, label in enumerate(spec.severities.levels))
+        self.severities = tuple(severity_value(label, f"severities.levels[{i}]")
+                                for i, label in enumerate(spec.severities.levels))
         self.regions = tuple(p.regions)
         if set(self.regions) - {"entire_image"} and not any(r.has_roi for r in self.manifest):
             raise PerceptcoreError("perturbation.regions asks for ROI regions but no manifest row has an ROI",
@@ -220,9 +221,8 @@ def compute_unit(unit: _Unit) -> None:
     for s, severity in enumerate(unit.severities):
         perturbed = []
         for record, pixels, image, inside in views:
-            generator = torch.Generator().manual_seed(_seed(unit.seed, record, s))
-            batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
-            whole = unit.perturbation.perturb(batch, severity, unit.perturbation_options, generator)[0]
+            whole = perturb_image(unit.perturbation, unit.perturbation_options, record, pixels, image, severity, s,
+                                  unit.seed)
             perturbed.append((record, pixels, image, inside, whole))
         for r, region in enumerate(unit.regions):
             cases = []
@@ -245,18 +245,24 @@ def compute_unit(unit: _Unit) -> None:
     partial.replace(unit.path)  # atomic: an interrupted unit leaves nothing the next run would trust
 
 
-def _severity_value(label: str, i: int) -> float:
+def severity_value(label: str, where: str) -> float:
+    """A severity label as the number a perturbation takes."""
     try:
         return float(label)
     except ValueError:
-        raise PerceptcoreError(f"severity {label!r} must be a number to perturb images with it",
-                               f"severities.levels[{i}]") from None
+        raise PerceptcoreError(f"severity {label!r} must be a number to perturb images with it", where) from None
 
 
-def _seed(study_seed: int, record, severity_index: int) -> int:
-    """A generator seed per (image, severity), independent of order, worker and batch."""
-    text = f"{study_seed}|{record.case}|{record.view}|{record.laterality}|{record.file.name}|{severity_index}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+def perturb_image(perturbation, options, record, pixels, image, severity: float, severity_index: int, seed: int):
+    """One manifest image (pixels: (H, W) tensor) perturbed at a severity, with a generator seeded
+    by (study seed, image, severity) alone: the same result in any order, worker or batch, and
+    the same image a reader is shown (reader_study.write_images)."""
+    import torch
+
+    text = f"{seed}|{record.case}|{record.view}|{record.laterality}|{record.file.name}|{severity_index}"
+    generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
+    batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
+    return perturbation.perturb(batch, severity, options, generator)[0]
 
 
 def _file_key(path: Path) -> list:

@@ -172,3 +172,47 @@ def test_design_errors(tmp_path, capsys):
                  "--severities", "0", "1", "--scheme", "latin", "--out", str(tmp_path / "d")])
     assert code == 1 and "--scheme: unknown scheme 'latin'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_readers_get_their_perturbed_images_in_reading_order(tmp_path):
+    import torch
+    from PIL import Image
+
+    from imaging import write_imaging_study
+    from perceptcore.perturbation import ImageBatch
+    from perceptcore_plugins.perturbations.gaussian_lowpass import GaussianLowpass
+
+    write_imaging_study(tmp_path / "study", size=64)
+    manifest = pd.read_csv(tmp_path / "study" / "manifest.csv")
+    manifest.assign(exam=manifest.case)[["exam", "case"]].to_csv(tmp_path / "exams.csv", index=False)
+    out = tmp_path / "design"
+    assert main(["design-reader-study", str(tmp_path / "exams.csv"), "--readers", "2", "--severities", "0", "0.5", "2",
+                 "--images", str(tmp_path / "study" / "manifest.csv"), "--perturbation", "gaussian_lowpass",
+                 "--option", "unit=mm", "--out", str(out)]) == 0
+    assignment = pd.read_csv(out / "assignment.csv", dtype=str)
+    files = sorted((out / "images" / "reader02").glob("*.png"))
+    mine = assignment[assignment.reader == "reader02"].sort_values("order", key=lambda o: o.astype(int))
+    assert [f.name.split("_")[1] for f in files] == list(mine.exam)  # named in reading order
+    for path, row in zip(files, mine.itertuples()):
+        source = manifest[manifest.case == row.exam].iloc[0]
+        pixels = np.load(tmp_path / "study" / source.file)
+        shown = np.asarray(Image.open(path))
+        if row.severity == "0":
+            assert np.array_equal(shown, pixels)
+        else:
+            batch = ImageBatch(torch.from_numpy(pixels.astype(np.float32))[None], torch.tensor([0.1]), 4095.0)
+            expected = GaussianLowpass().perturb(batch, float(row.severity), GaussianLowpass.Options(), torch.Generator())
+            assert np.array_equal(shown, np.rint(expected[0].numpy()).astype(np.uint16))
+
+
+def test_reader_images_need_a_known_perturbation(tmp_path, capsys):
+    from imaging import write_imaging_study
+
+    write_imaging_study(tmp_path / "study", size=32)
+    pd.DataFrame({"exam": ["c00"], "case": ["c00"]}).to_csv(tmp_path / "exams.csv", index=False)
+    code = main(["design-reader-study", str(tmp_path / "exams.csv"), "--readers", "1", "--severities", "0", "1",
+                 "--images", str(tmp_path / "study" / "manifest.csv"), "--perturbation", "gausian_lowpass",
+                 "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--perturbation: unknown perturbation 'gausian_lowpass'; did you mean 'gaussian_lowpass'?" in err
+    assert not (tmp_path / "d").exists()
