@@ -25,6 +25,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -157,16 +158,26 @@ class Runner:
         done = len(self.units) - len(todo)
         progress(f"predicting: {len(self.units)} work units, {done} already in the cache ({self.cache})")
         workers = min(self.spec.runner.workers, max(len(todo), 1))
+        started = last = time.monotonic()
+
+        def report(n):
+            nonlocal last
+            now = time.monotonic()
+            if n == len(todo) or now - last > 2:  # a line every few seconds, not one per unit
+                last = now
+                left = (now - started) / n * (len(todo) - n)
+                progress(f"predicting: {done + n}/{len(self.units)} work units done, about {left:.0f} s left")
+
         if workers > 1:
             # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
                 for n, _ in enumerate(pool.map(compute_unit, todo), start=1):
-                    progress(f"predicting: {done + n}/{len(self.units)} work units done")
+                    report(n)
         else:
             for n, unit in enumerate(todo, start=1):
                 compute_unit(unit)
-                progress(f"predicting: {done + n}/{len(self.units)} work units done")
+                report(n)
         return self._tables()
 
     def _tables(self) -> Spec:
