@@ -7,7 +7,10 @@ tables — and it computes each thing once, on demand.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import platform
 import shutil
 import sys
@@ -179,19 +182,47 @@ class Study:
         """The fit of the parameterisation with the highest ELBO (fitting every listed one once)."""
         key = (observer, grouping.name)
         if key not in self._selected:
-            fits = {}
+            fits = []
             for parameterisation in self.spec.model.parameterisations:
-                started = time.perf_counter()
-                self.progress(f"fitting {observer} ({grouping.name} subgroups, {parameterisation}) "
-                              f"with {self.backend.name} {self.spec.model.method}")
-                fit = self.backend.fit(self.model_data(observer, grouping, parameterisation), self.fit_settings(),
-                                       self.progress)
-                fits[parameterisation] = fit
-                self._fits[key + (parameterisation,)] = fit
-                state = "converged" if fit.converged else "DID NOT CONVERGE"
-                self.progress(f"  ELBO {fit.elbo:.1f}, {state}, {time.perf_counter() - started:.1f} s")
-            self._selected[key] = max(fits.values(), key=lambda f: (np.nan_to_num(f.elbo, nan=-np.inf)))
+                if key + (parameterisation,) not in self._fits:
+                    self.progress(f"fitting {observer} ({grouping.name} subgroups, {parameterisation}) "
+                                  f"with {self.backend.name} {self.spec.model.method}")
+                    fit = self.backend.fit(self.model_data(observer, grouping, parameterisation), self.fit_settings(),
+                                           self.progress)
+                    self._report_fit(key + (parameterisation,), fit)
+                    self._fits[key + (parameterisation,)] = fit
+                fits.append(self._fits[key + (parameterisation,)])
+            self._selected[key] = max(fits, key=lambda f: (np.nan_to_num(f.elbo, nan=-np.inf)))
         return self._selected[key]
+
+    def _report_fit(self, key: tuple, fit: Fit) -> None:
+        state = "converged" if fit.converged else "DID NOT CONVERGE"
+        self.progress(f"  {key[0]} ({key[1]}, {key[2]}): ELBO {fit.elbo:.1f}, {state}, {fit.seconds:.1f} s")
+
+    def fit_all(self) -> None:
+        """Fit every observer group x grouping x parameterisation now, `model.workers` at a time.
+
+        Metrics ask for posteriors one by one; fitting them up front lets independent fits run
+        in parallel processes. Each fit is seeded and self-contained, so its numbers do not
+        depend on how many run at once.
+        """
+        jobs = [(o, g, p) for g in self.groupings for o in self.observers for p in self.spec.model.parameterisations
+                if (o, g.name, p) not in self._fits]
+        workers = min(self.spec.model.workers or os.cpu_count() or 1, len(jobs))
+        if workers < 2:
+            return  # posterior() fits them as they are asked for
+        self.progress(f"fitting {len(jobs)} latent models with {self.backend.name} {self.spec.model.method}, "
+                      f"{workers} at a time")
+        # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {(o, g.name, p): pool.submit(_fit, self.backend, self.model_data(o, g, p), self.fit_settings())
+                       for o, g, p in jobs}
+            keys = {future: key for key, future in futures.items()}
+            for future in concurrent.futures.as_completed(keys):
+                self._report_fit(keys[future], future.result())
+        for key, future in futures.items():
+            self._fits[key] = future.result()
 
     def predictive(self, observer: str, grouping: Grouping) -> np.ndarray:
         """Posterior-predictive P(positive call), (observers x severities x cases), from joint draws."""
@@ -204,7 +235,7 @@ class Study:
     def fit_records(self) -> pd.DataFrame:
         """One row per fit: which backend/method/parameterisation, its ELBO, convergence, and selection."""
         rows = []
-        for (observer, grouping, parameterisation), fit in self._fits.items():
+        for (observer, grouping, parameterisation), fit in sorted(self._fits.items(), key=self._fit_order):
             rows.append({
                 "observer": observer, "grouping": grouping, "parameterisation": parameterisation,
                 "backend": fit.backend, "method": fit.method, "elbo": fit.elbo,
@@ -215,7 +246,13 @@ class Study:
         return pd.DataFrame(rows)
 
     def fits(self) -> dict:
-        return dict(self._fits)
+        return dict(sorted(self._fits.items(), key=self._fit_order))
+
+    def _fit_order(self, item) -> tuple:
+        """Spec order (grouping, observer, parameterisation), however the fits were asked for."""
+        observer, grouping, parameterisation = item[0]
+        return ([g.name for g in self.groupings].index(grouping), list(self.observers).index(observer),
+                self.spec.model.parameterisations.index(parameterisation))
 
     # ------------------------------------------------------------------ analyses
 
@@ -246,6 +283,8 @@ class Study:
         raise PerceptcoreError(f"no metric produces a table named {table_name!r}", "analyses.metrics")
 
     def compute_all(self) -> dict[str, pd.DataFrame]:
+        if any(getattr(metric, "uses_posterior", False) for metric in self.metrics):
+            self.fit_all()
         for metric in self.metrics:
             for table_name in metric.outputs:
                 self.table(table_name)
@@ -329,6 +368,11 @@ class Study:
             "seconds": round(seconds, 1),
             "outputs": sorted(files + ["run.json"]),
         }
+
+
+def _fit(backend, data: LatentModelData, settings: FitSettings) -> Fit:
+    """One fit in a worker process (progress stays with the parent)."""
+    return backend.fit(data, settings, lambda message: None)
 
 
 def _check_out_dir(out_dir: Path) -> None:

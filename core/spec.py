@@ -114,6 +114,7 @@ class ModelSection:
     tolerance: float = 1e-4
     chains: int = 4
     warmup: int = 1000
+    workers: typing.Optional[int] = None  # fits run in parallel processes; default: one per CPU core
     priors: Priors = Priors()  # the latent model's prior sds are themselves the section
 
 
@@ -412,8 +413,8 @@ def _check(spec: Spec) -> None:
     if model.method == "nuts" and len(model.parameterisations) > 1:
         fail("parameterisations are chosen by ELBO, which NUTS does not give; list one (compare them with advi)",
              "model.parameterisations")
-    for key in ("draws", "max_iterations", "chains", "warmup"):
-        if getattr(model, key) < 1:
+    for key in ("draws", "max_iterations", "chains", "warmup", "workers"):
+        if getattr(model, key) is not None and getattr(model, key) < 1:
             fail("must be at least 1", f"model.{key}")
     if not 0 < model.tolerance < 1:
         fail("must lie between 0 and 1", "model.tolerance")

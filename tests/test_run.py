@@ -106,3 +106,15 @@ def test_a_fit_that_did_not_converge_is_flagged(study, tmp_path, capsys):
     assert not pd.read_csv(out / "fit_diagnostics.csv").converged.any()
     html = (out / "report.html").read_text()
     assert "did not converge" in html.lower()
+
+
+def test_parallel_fits_give_the_same_numbers_as_sequential_ones(study, tmp_path):
+    assert run(study, tmp_path / "one", "model.workers=1") == 0
+    assert run(study, tmp_path / "two", "model.workers=2") == 0
+    for name in TABLES:
+        assert (tmp_path / "one" / f"{name}.csv").read_bytes() == (tmp_path / "two" / f"{name}.csv").read_bytes(), name
+    one = pd.read_csv(tmp_path / "one" / "fit_diagnostics.csv")
+    two = pd.read_csv(tmp_path / "two" / "fit_diagnostics.csv")
+    assert len(two) == 2 * 2 and two.converged.all()
+    columns = ["observer", "grouping", "parameterisation", "elbo", "selected"]
+    assert one[columns].equals(two[columns])

@@ -17,6 +17,7 @@ COLUMNS = ("observer", "subgroup", "severity", "ks_mean", "ks_sd", "ks_pvalue")
 
 
 class KsSeparability:
+    uses_posterior = True  # the core may fit every posterior up front, in parallel
     name = "ks_separability"
     outputs = {"class_separability": COLUMNS, "class_separability_observed": COLUMNS}
 

@@ -11,6 +11,7 @@ COLUMNS = ("observer", "subgroup", "severity", "gamma_mean", "gamma_sd", "p_gamm
 
 
 class PredictiveConfidence:
+    uses_posterior = True  # the core may fit every posterior up front, in parallel
     name = "predictive_confidence"
     outputs = {"predictive_confidence": COLUMNS}
 
