@@ -65,17 +65,20 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted: no results were written (finished prediction work units stay in the cache)",
+              file=sys.stderr)
         return 130
 
 
 def _study(args):
     from .plugins import load_registry
-    from .run import Study, progress_to_stderr
+    from .run import Study, check_out_dir, progress_to_stderr
     from .runner import Runner
     from .spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    if args.command == "run":  # before any work: refuse an --out that is not an earlier run
+        check_out_dir(_out_dir(args, spec))
     registry = load_registry()
     try:
         runner = Runner(spec, registry)
@@ -88,13 +91,16 @@ def _study(args):
         raise exc.at(spec.source) from None
 
 
-def _run(args) -> int:
+def _out_dir(args, spec) -> Path:
     from .run import default_out_dir
 
+    return Path(args.out).resolve() if args.out else default_out_dir(spec)
+
+
+def _run(args) -> int:
     started = time.perf_counter()
     study = _study(args)
-    out = Path(args.out) if args.out else default_out_dir(study.spec)
-    out = study.write(out)
+    out = study.write(_out_dir(args, study.spec))
     records = study.fit_records()
     unconverged = records[~records["converged"]] if len(records) else records
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s "

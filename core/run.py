@@ -298,7 +298,7 @@ class Study:
 
         started = time.perf_counter()
         out_dir = Path(out_dir).resolve()
-        _check_out_dir(out_dir)
+        check_out_dir(out_dir)
         tables = self.compute_all()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -375,7 +375,7 @@ def _fit(backend, data: LatentModelData, settings: FitSettings) -> Fit:
     return backend.fit(data, settings, lambda message: None)
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
     """Refuse to replace a folder that is not an earlier perceptcore run."""
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "run.json").exists())):
         raise PerceptcoreError("exists and is not an earlier perceptcore run; choose another --out", str(out_dir))

@@ -33,6 +33,7 @@ import attrs
 import numpy as np
 import pandas as pd
 
+from . import __version__
 from . import images as image_io
 from .errors import PerceptcoreError
 from .perturbation import ImageBatch, restrict
@@ -97,8 +98,8 @@ class Runner:
     def __init__(self, spec: Spec, registry: Registry):
         self.spec = spec
         self.observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
+        self.units, self.severities, self.regions = [], (), ()
         if not self.observers:
-            self.units = []
             return
         manifest_path = spec.path(spec.images.manifest)
         self.manifest = image_io.load_manifest(manifest_path, "images.manifest", tuple(spec.images.id))
@@ -133,7 +134,10 @@ class Runner:
                 names.append(path.stem)
                 digest = _sha256(path)
                 for chunk in chunks:
-                    key = _hash([model.name, attrs.asdict(options, recurse=True), digest, p.name,
+                    # Plugin versions are in the key: an upgraded model or filter must not reuse old results.
+                    key = _hash([__version__, _version(registry, "model", model.name),
+                                 _version(registry, "perturbation", p.name),
+                                 model.name, attrs.asdict(options, recurse=True), digest, p.name,
                                  attrs.asdict(self.perturbation_options, recurse=True), self.severities, self.regions,
                                  spec.study.seed, chunk, [image_keys[c] for c in chunk]])
                     self.units.append(_Unit(
@@ -148,7 +152,7 @@ class Runner:
 
     @property
     def n_predictions(self) -> int:
-        return sum(len(u.cases) for u in self.units) * len(getattr(self, "severities", ())) * len(getattr(self, "regions", ()))
+        return sum(len(u.cases) for u in self.units) * len(self.severities) * len(self.regions)
 
     def run(self, progress: Callable[[str], None]) -> Spec:
         """Compute the missing units and return the spec with the model observers' predictions filled in."""
@@ -274,6 +278,11 @@ def perturb_image(perturbation, options, record, pixels, image, severity: float,
     generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
     batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
     return perturbation.perturb(batch, severity, options, generator)[0]
+
+
+def _version(registry: Registry, kind: str, name: str) -> str:
+    item = next(i for i in registry.all(kind) if i.name == name)
+    return f"{item.package} {item.version}"
 
 
 def _file_key(path: Path) -> list:
