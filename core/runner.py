@@ -74,6 +74,18 @@ class Model(Protocol):
 
 
 @attrs.frozen(eq=False)
+class Condition:
+    """One way a work unit's images are shown: `perturbation` at `severity` (no perturbation:
+    unperturbed), its random draws seeded by `seed_key`; every region of the unit is then
+    composited from it."""
+
+    perturbation: object  # a Perturbation, or None
+    options: object
+    severity: float
+    seed_key: str
+
+
+@attrs.frozen(eq=False)
 class _Unit:
     """Everything one work unit needs, picklable for the worker processes."""
 
@@ -82,9 +94,7 @@ class _Unit:
     model: object
     options: object
     checkpoint: Path
-    perturbation: object
-    perturbation_options: object
-    severities: tuple  # floats
+    conditions: tuple
     regions: tuple
     records: tuple  # ImageRecord of the unit's cases
     cases: tuple
@@ -92,75 +102,70 @@ class _Unit:
     threads: int
 
 
-class Runner:
-    """Validates everything the model observers need on construction; `run` computes what the cache lacks."""
+class ImageWork:
+    """The manifest, the model observers and the cache that every image-based computation shares."""
 
-    def __init__(self, spec: Spec, registry: Registry):
+    def __init__(self, spec: Spec, registry: Registry, observers):
         self.spec = spec
-        self.observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
-        self.units, self.severities, self.regions = [], (), ()
-        if not self.observers:
-            return
-        manifest_path = spec.path(spec.images.manifest)
-        self.manifest = image_io.load_manifest(manifest_path, "images.manifest", tuple(spec.images.id))
-        p = spec.perturbation
-        self.perturbation = registry.get("perturbation", p.name, "perturbation.name")
-        self.perturbation_options = structure(self.perturbation.Options, p.options, "perturbation.options")
-        self.severities = tuple(severity_value(label, f"severities.levels[{i}]")
-                                for i, label in enumerate(spec.severities.levels))
-        self.regions = tuple(p.regions)
-        if set(self.regions) - {"entire_image"} and not any(r.has_roi for r in self.manifest):
-            raise PerceptcoreError("perturbation.regions asks for ROI regions but no manifest row has an ROI",
-                                   "images.manifest")
+        self.registry = registry
+        self.manifest = image_io.load_manifest(spec.path(spec.images.manifest), "images.manifest",
+                                               tuple(spec.images.id))
         self.cache = Path(spec.base) / spec.runner.cache
-        threads = 1 if spec.runner.workers > 1 else max(1, os.cpu_count() or 1)
-        by_case = {case: tuple(self.manifest.for_case(case)) for case in self.manifest.cases}
-        cases = list(by_case)
+        self.threads = 1 if spec.runner.workers > 1 else max(1, os.cpu_count() or 1)
+        self.by_case = {case: tuple(self.manifest.for_case(case)) for case in self.manifest.cases}
+        cases = list(self.by_case)
         size = spec.runner.batch_size
-        chunks = [cases[i:i + size] for i in range(0, len(cases), size)]
-        image_keys = {case: [_file_key(r.file) + [list(map(list, r.roi_boxes)),
-                                                  _file_key(r.roi_mask) if r.roi_mask else None,
-                                                  r.view, r.laterality, r.pixel_spacing_mm, r.bits]
-                             for r in records] for case, records in by_case.items()}
-        self.units = []
-        for i, observer in self.observers:
+        self.chunks = [cases[i:i + size] for i in range(0, len(cases), size)]
+        self.image_keys = {case: [_file_key(r.file) + [list(map(list, r.roi_boxes)),
+                                                       _file_key(r.roi_mask) if r.roi_mask else None,
+                                                       r.view, r.laterality, r.pixel_spacing_mm, r.bits]
+                                  for r in records] for case, records in self.by_case.items()}
+        self.models = []  # (observer, model, options, [(checkpoint path, sha256)])
+        for i, observer in observers:
             model = registry.get("model", observer.model, f"observers[{i}].model")
             options = structure(model.Options, observer.options, f"observers[{i}].options")
-            names = []
+            checkpoints = []
             for j, checkpoint in enumerate(observer.checkpoints):
                 path = spec.path(checkpoint)
                 if not path.is_file():
                     raise PerceptcoreError(f"file not found: {path}", f"observers[{i}].checkpoints[{j}]")
-                names.append(path.stem)
-                digest = _sha256(path)
-                for chunk in chunks:
-                    # Plugin versions are in the key: an upgraded model or filter must not reuse old results.
-                    key = _hash([__version__, _version(registry, "model", model.name),
-                                 _version(registry, "perturbation", p.name),
-                                 model.name, attrs.asdict(options, recurse=True), digest, p.name,
-                                 attrs.asdict(self.perturbation_options, recurse=True), self.severities, self.regions,
-                                 spec.study.seed, chunk, [image_keys[c] for c in chunk]])
-                    self.units.append(_Unit(
-                        key=key, path=self.cache / observer.name / f"{key}.npz", model=model, options=options,
-                        checkpoint=path, perturbation=self.perturbation,
-                        perturbation_options=self.perturbation_options, severities=self.severities,
-                        regions=self.regions, records=tuple(r for c in chunk for r in by_case[c]), cases=tuple(chunk),
-                        seed=spec.study.seed, threads=threads))
-            if len(set(names)) != len(names):
+                checkpoints.append((path, _sha256(path)))
+            if len({path.stem for path, _ in checkpoints}) != len(checkpoints):
                 raise PerceptcoreError("checkpoint file names must differ: each names a reader",
                                        f"observers[{i}].checkpoints")
+            self.models.append((observer, model, options, checkpoints))
 
-    @property
-    def n_predictions(self) -> int:
-        return sum(len(u.cases) for u in self.units) * len(self.severities) * len(self.regions)
+    def perturbation(self, name: str, options: dict, where: str):
+        """A registered perturbation and its checked options."""
+        perturbation = self.registry.get("perturbation", name, f"{where}.name")
+        return perturbation, structure(perturbation.Options, options, f"{where}.options")
 
-    def run(self, progress: Callable[[str], None]) -> Spec:
-        """Compute the missing units and return the spec with the model observers' predictions filled in."""
-        if not self.observers:
-            return self.spec
-        todo = [u for u in self.units if not u.path.exists()]
-        done = len(self.units) - len(todo)
-        progress(f"predicting: {len(self.units)} work units, {done} already in the cache ({self.cache})")
+    def units(self, conditions: tuple, regions: tuple, folder: str) -> list:
+        """Work units of every model observer x checkpoint x chunk of cases for these conditions."""
+        described = [[c.perturbation and (c.perturbation.name, _version(self.registry, "perturbation",
+                                                                        c.perturbation.name)),
+                      c.options and attrs.asdict(c.options, recurse=True), c.severity, c.seed_key]
+                     for c in conditions]
+        units = []
+        for observer, model, options, checkpoints in self.models:
+            for path, digest in checkpoints:
+                for chunk in self.chunks:
+                    # Versions are in the key: an upgraded model or perturbation must not reuse old results.
+                    key = _hash([__version__, _version(self.registry, "model", model.name), model.name,
+                                 attrs.asdict(options, recurse=True), digest, described, regions, self.spec.study.seed,
+                                 chunk, [self.image_keys[c] for c in chunk]])
+                    units.append(_Unit(
+                        key=key, path=self.cache / observer.name / folder / f"{key}.npz", model=model,
+                        options=options, checkpoint=path, conditions=conditions, regions=regions,
+                        records=tuple(r for c in chunk for r in self.by_case[c]), cases=tuple(chunk),
+                        seed=self.spec.study.seed, threads=self.threads))
+        return units
+
+    def run(self, units: list, progress: Callable[[str], None], what: str = "predicting") -> None:
+        """Compute the units the cache lacks, `runner.workers` at a time."""
+        todo = [u for u in units if not u.path.exists()]
+        done = len(units) - len(todo)
+        progress(f"{what}: {len(units)} work units, {done} already in the cache ({self.cache})")
         workers = min(self.spec.runner.workers, max(len(todo), 1))
         started = last = time.monotonic()
 
@@ -170,7 +175,7 @@ class Runner:
             if n == len(todo) or now - last > 2:  # a line every few seconds, not one per unit
                 last = now
                 left = (now - started) / n * (len(todo) - n)
-                progress(f"predicting: {done + n}/{len(self.units)} work units done, about {left:.0f} s left")
+                progress(f"{what}: {done + n}/{len(units)} work units done, about {left:.0f} s left")
 
         if workers > 1:
             # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
@@ -182,11 +187,46 @@ class Runner:
             for n, unit in enumerate(todo, start=1):
                 compute_unit(unit)
                 report(n)
+
+
+class Runner:
+    """The perception study's predictions: every severity of the spec's perturbation, in every region.
+
+    Validates everything on construction; `run` computes what the cache lacks."""
+
+    def __init__(self, spec: Spec, registry: Registry):
+        self.spec = spec
+        self.observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
+        self.units, self.severities, self.regions = [], (), ()
+        if not self.observers or spec.perturbation is None:
+            return
+        self.work = ImageWork(spec, registry, self.observers)
+        p = spec.perturbation
+        perturbation, options = self.work.perturbation(p.name, p.options, "perturbation")
+        self.severities = tuple(severity_value(label, f"severities.levels[{i}]")
+                                for i, label in enumerate(spec.severities.levels))
+        self.regions = tuple(p.regions)
+        if set(self.regions) - {"entire_image"} and not any(r.has_roi for r in self.work.manifest):
+            raise PerceptcoreError("perturbation.regions asks for ROI regions but no manifest row has an ROI",
+                                   "images.manifest")
+        # The seed key is the severity's index: readers' images (reader_study) use the same.
+        conditions = tuple(Condition(perturbation, options, value, str(s)) for s, value in enumerate(self.severities))
+        self.units = self.work.units(conditions, self.regions, "")
+
+    @property
+    def n_predictions(self) -> int:
+        return sum(len(u.cases) for u in self.units) * len(self.severities) * len(self.regions)
+
+    def run(self, progress: Callable[[str], None]) -> Spec:
+        """Compute the missing units and return the spec with the model observers' predictions filled in."""
+        if not self.units:
+            return self.spec
+        self.work.run(self.units, progress)
         return self._tables()
 
     def _tables(self) -> Spec:
         spec = self.spec
-        folder = self.cache / "tables"
+        folder = self.work.cache / "tables"
         folder.mkdir(parents=True, exist_ok=True)
         observers = list(spec.observers)
         roi = spec.roi
@@ -195,11 +235,11 @@ class Runner:
             rows = []
             for unit in (u for u in self.units if u.path.parent.name == observer.name):
                 with np.load(unit.path) as stored:
-                    values = stored["predictions"]  # (regions, severities, cases)
+                    values = stored["predictions"]  # (severities, regions, cases)
                 reader = unit.checkpoint.stem
                 for r, region in enumerate(unit.regions):
                     for s, label in enumerate(labels):
-                        rows += [(reader, label, case, region, float(v)) for case, v in zip(unit.cases, values[r, s])]
+                        rows += [(reader, label, case, region, float(v)) for case, v in zip(unit.cases, values[s, r])]
             table = pd.DataFrame(rows, columns=["reader", "severity", "case", "region", "prediction"])
             whole = folder / f"{observer.name}.csv"
             _write_csv(table[table.region == "entire_image"].drop(columns="region"), whole)
@@ -232,12 +272,13 @@ def compute_unit(unit: _Unit) -> None:
         inside = (torch.from_numpy(image_io.roi(record, image)) if record.has_roi
                   else torch.zeros(image.pixels.shape, dtype=torch.bool))
         views.append((record, torch.from_numpy(image.pixels.astype(np.float32)), image, inside))
-    predictions = np.empty((len(unit.regions), len(unit.severities), len(unit.cases)))
-    for s, severity in enumerate(unit.severities):
+    predictions = np.empty((len(unit.conditions), len(unit.regions), len(unit.cases)))
+    for c, condition in enumerate(unit.conditions):
         perturbed = []
         for record, pixels, image, inside in views:
-            whole = perturb_image(unit.perturbation, unit.perturbation_options, record, pixels, image, severity, s,
-                                  unit.seed)
+            whole = pixels if condition.perturbation is None else perturb_image(
+                condition.perturbation, condition.options, record, pixels, image, condition.severity,
+                condition.seed_key, unit.seed)
             perturbed.append((record, pixels, image, inside, whole))
         for r, region in enumerate(unit.regions):
             cases = []
@@ -252,7 +293,7 @@ def compute_unit(unit: _Unit) -> None:
             if values.shape != (len(cases),) or not np.all((values >= 0) & (values <= 1)):
                 raise PerceptcoreError(f"model {unit.model.name!r} returned {values.shape[0]} values for {len(cases)} "
                                        "cases, or values outside [0, 1]", "observers.model")
-            predictions[r, s] = values
+            predictions[c, r] = values
     unit.path.parent.mkdir(parents=True, exist_ok=True)
     partial = unit.path.with_name(f"{unit.key}.{os.getpid()}.partial")
     with open(partial, "wb") as f:  # a file object, so NumPy does not append .npz to the name
@@ -268,13 +309,13 @@ def severity_value(label: str, where: str) -> float:
         raise PerceptcoreError(f"severity {label!r} must be a number to perturb images with it", where) from None
 
 
-def perturb_image(perturbation, options, record, pixels, image, severity: float, severity_index: int, seed: int):
+def perturb_image(perturbation, options, record, pixels, image, severity: float, seed_key, seed: int):
     """One manifest image (pixels: (H, W) tensor) perturbed at a severity, with a generator seeded
-    by (study seed, image, severity) alone: the same result in any order, worker or batch, and
-    the same image a reader is shown (reader_study.write_images)."""
+    by (study seed, image, seed_key) alone: the same result in any order, worker or batch, and
+    the same image a reader is shown (reader_study.write_images, seed_key = severity index)."""
     import torch
 
-    text = f"{seed}|{record.case}|{record.view}|{record.laterality}|{record.file.name}|{severity_index}"
+    text = f"{seed}|{record.case}|{record.view}|{record.laterality}|{record.file.name}|{seed_key}"
     generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
     batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
     return perturbation.perturb(batch, severity, options, generator)[0]
