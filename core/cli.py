@@ -72,6 +72,7 @@ def main(argv=None) -> int:
 
 def _study(args):
     from .plugins import load_registry
+    from .robustness import Robustness
     from .run import Study, check_out_dir, progress_to_stderr
     from .runner import Runner
     from .spec import load_spec
@@ -81,12 +82,16 @@ def _study(args):
         check_out_dir(_out_dir(args, spec))
     registry = load_registry()
     try:
+        robustness = Robustness(spec, registry, progress_to_stderr) if spec.robustness else None
         runner = Runner(spec, registry)
-        if args.command == "validate" and runner.units:
-            print(f"{spec.source}: ok — the runner will compute {runner.n_predictions} predictions in "
-                  f"{len(runner.units)} work units; their analysis is checked when they exist")
-            return None
-        return Study(runner.run(progress_to_stderr), registry)
+        if args.command == "validate" and (runner.units or robustness):
+            planned = f"the runner will compute {runner.n_predictions} predictions in {len(runner.units)} work units"
+            if robustness:
+                planned += f" and the robustness study of {len(robustness.perturbations)} perturbations"
+            print(f"{spec.source}: ok — {planned}; their analysis is checked when they exist")
+            return []
+        parts = [Study(runner.run(progress_to_stderr), registry)] if spec.perception else []
+        return parts + ([robustness] if robustness else [])
     except PerceptcoreError as exc:
         raise exc.at(spec.source) from None
 
@@ -98,9 +103,17 @@ def _out_dir(args, spec) -> Path:
 
 
 def _run(args) -> int:
+    from .run import Study, write_run
+
     started = time.perf_counter()
-    study = _study(args)
-    out = study.write(_out_dir(args, study.spec))
+    parts = _study(args)
+    spec = parts[0].spec
+    out = write_run(spec, _out_dir(args, spec), parts)
+    studies = [part for part in parts if isinstance(part, Study)]
+    if not studies:
+        print(f"wrote {out} in {time.perf_counter() - started:.1f} s (robustness study)")
+        return 0
+    study = studies[0]
     records = study.fit_records()
     unconverged = records[~records["converged"]] if len(records) else records
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s "
@@ -112,9 +125,10 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    study = _study(args)
-    if study is None:
+    parts = _study(args)
+    if not parts:
         return 0
+    study = parts[0]
     counts = {name: int(np.isfinite(group.values).sum()) for name, group in study.observers.items()}
     print(f"{study.spec.source}: ok — {len(study.cases)} cases, {len(study.severities)} severities, "
           + ", ".join(f"{name}: {n} predictions" for name, n in counts.items())

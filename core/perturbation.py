@@ -149,3 +149,19 @@ def matched_noise(batch: ImageBatch, perturbed: torch.Tensor, generator: torch.G
         sd = matched_noise_sd(batch.pixels, perturbed)
     noise = standard_normal(batch.pixels, generator)
     return (batch.pixels.to(noise.dtype) + sd * noise).to(batch.pixels.dtype)
+
+
+class NoiseBaseline:
+    """Gaussian noise of sd `severity` grey levels, not clipped: the baseline of `matched_noise`,
+    as a perturbation object so it runs wherever perturbations run (its sd comes from the
+    perturbation it is matched to, so it is part of the core rather than a plugin)."""
+
+    name = "noise_baseline"
+    severity_unit = "grey levels"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def perturb(self, batch: ImageBatch, severity: float, options, generator: torch.Generator) -> torch.Tensor:
+        return matched_noise(batch, batch.pixels, generator, sd=severity)

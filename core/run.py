@@ -294,35 +294,27 @@ class Study:
 
     def write(self, out_dir: Path) -> Path:
         """Compute everything and write it to out_dir; nothing appears there unless all of it succeeded."""
+        return write_run(self.spec, out_dir, [self])
+
+    def compute(self) -> None:
+        self.compute_all()
+
+    def write_into(self, staging: Path) -> list[str]:
+        """Tables, fit diagnostics, posteriors, computed predictions, figures and the report."""
         from . import report  # matplotlib is imported only when a run writes figures
 
-        started = time.perf_counter()
-        out_dir = Path(out_dir).resolve()
-        check_out_dir(out_dir)
-        tables = self.compute_all()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            files = []
-            for name, table in tables.items():
-                table.to_csv(staging / f"{name}.csv", index=False)
-                files.append(f"{name}.csv")
-            fit_table = self.fit_records()
-            fit_table.to_csv(staging / "fit_diagnostics.csv", index=False)
-            files.append("fit_diagnostics.csv")
-            files += self._write_posteriors(staging)
-            files += self._copy_computed_predictions(staging)
-            self.progress("drawing figures and the report")
-            files += report.write(self, tables, fit_table, staging)
-            manifest = self._manifest(files, time.perf_counter() - started)
-            (staging / "run.json").write_text(json.dumps(manifest, indent=2, default=str))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            staging.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return out_dir
+        files = []
+        for name, table in self._tables.items():
+            table.to_csv(staging / f"{name}.csv", index=False)
+            files.append(f"{name}.csv")
+        fit_table = self.fit_records()
+        fit_table.to_csv(staging / "fit_diagnostics.csv", index=False)
+        files.append("fit_diagnostics.csv")
+        files += self._write_posteriors(staging)
+        files += self._copy_computed_predictions(staging)
+        self.progress("drawing figures and the report")
+        files += report.write(self, dict(self._tables), fit_table, staging)
+        return files
 
     def _write_posteriors(self, staging: Path) -> list[str]:
         folder = staging / "posterior"
@@ -353,21 +345,48 @@ class Study:
             shutil.copyfile(self.spec.path(source), staging / "predictions" / name)
         return [f"predictions/{name}" for name in sources]
 
-    def _manifest(self, files, seconds) -> dict:
+    def manifest(self) -> dict:
         fits = self.fit_records()
         return {
-            "study": self.spec.study.name,
-            "spec": self.spec.source,
-            "perceptcore": __version__,
-            "python": platform.python_version(),
             "backend": self.backend.name,
             "method": self.spec.model.method,
             "seed": self.spec.fit_seed,
             "parameterisations": list(self.spec.model.parameterisations),
             "all_fits_converged": bool(fits["converged"].all()) if len(fits) else True,
-            "seconds": round(seconds, 1),
-            "outputs": sorted(files + ["run.json"]),
         }
+
+
+def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
+    """Compute every part (a Study, a robustness study), then write them all into out_dir.
+
+    Everything is written to a staging folder beside out_dir and moved into place only when
+    all of it succeeded, so a failed run leaves no half-written outputs. Each part has
+    compute(), write_into(staging) -> file names, and manifest() -> entries of run.json.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    check_out_dir(out_dir)
+    for part in parts:
+        part.compute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        files = []
+        manifest = {"study": spec.study.name, "spec": spec.source, "perceptcore": __version__,
+                    "python": platform.python_version(), "seed": spec.study.seed}
+        for part in parts:
+            files += part.write_into(staging)
+            manifest.update(part.manifest())
+        manifest["seconds"] = round(time.perf_counter() - started, 1)
+        manifest["outputs"] = sorted(files + ["run.json"])
+        (staging / "run.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def _fit(backend, data: LatentModelData, settings: FitSettings) -> Fit:

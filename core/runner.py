@@ -322,8 +322,9 @@ def perturb_image(perturbation, options, record, pixels, image, severity: float,
 
 
 def _version(registry: Registry, kind: str, name: str) -> str:
-    item = next(i for i in registry.all(kind) if i.name == name)
-    return f"{item.package} {item.version}"
+    """The providing package and version (perceptcore's own for the core's noise baseline)."""
+    item = next((i for i in registry.all(kind) if i.name == name), None)
+    return f"{item.package} {item.version}" if item else f"perceptcore {__version__}"
 
 
 def _file_key(path: Path) -> list:

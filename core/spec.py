@@ -70,6 +70,23 @@ class PerturbationSection:
 
 
 @attrs.frozen
+class RobustnessPerturbation:
+    """One perturbation of the robustness study, at one severity, compared with its noise baseline."""
+
+    name: str
+    severity: float
+    options: dict = attrs.field(factory=dict)
+    baseline: bool = True  # also predict on Gaussian noise matched to this perturbation's average L2 norm
+
+
+@attrs.frozen
+class RobustnessSection:
+    """The robustness study of model observers (paper 002): AUC per model and perturbation."""
+
+    perturbations: tuple
+
+
+@attrs.frozen
 class RunnerSection:
     batch_size: int = 8  # cases per work unit
     workers: int = 1  # processes computing predictions in parallel
@@ -136,13 +153,14 @@ class Spec:
     study: StudySection
     cases: CasesSection
     observers: tuple
-    severities: SeveritiesSection
-    subgroups: SubgroupsSection
+    severities: typing.Optional[SeveritiesSection] = None  # optional only in a robustness-only study
+    subgroups: typing.Optional[SubgroupsSection] = None
     data_dir: str = "."
     roi: typing.Optional[RoiSection] = None
     images: typing.Optional[ImagesSection] = None
     perturbation: typing.Optional[PerturbationSection] = None
     runner: RunnerSection = RunnerSection()
+    robustness: typing.Optional[RobustnessSection] = None
     model: ModelSection = ModelSection()
     analyses: AnalysesSection = AnalysesSection()
     outputs: OutputsSection = OutputsSection()
@@ -161,8 +179,14 @@ class Spec:
     def observer(self, name: str) -> ObserverSection:
         return next(o for o in self.observers if o.name == name)
 
+    @property
+    def perception(self) -> bool:
+        """Whether the spec asks for the perception comparison (severities and subgroups), not
+        only the robustness study."""
+        return self.severities is not None or self.subgroups is not None
 
-LIST_OF = {("Spec", "observers"): ObserverSection}
+
+LIST_OF = {("Spec", "observers"): ObserverSection, ("RobustnessSection", "perturbations"): RobustnessPerturbation}
 
 
 # --------------------------------------------------------------------------- YAML with text kept
@@ -359,6 +383,10 @@ def _check(spec: Spec) -> None:
     def fail(message, where):
         raise PerceptcoreError(message, where)
 
+    if spec.robustness is None or spec.perception:
+        for section in ("severities", "subgroups"):
+            if getattr(spec, section) is None:
+                fail("required key is missing", section)
     names = [o.name for o in spec.observers]
     for i, name in enumerate(names):
         if not name.replace("_", "").replace("-", "").isalnum():
@@ -371,13 +399,29 @@ def _check(spec: Spec) -> None:
         if observer.model is not None:
             if not observer.checkpoints:
                 fail("a model observer needs at least one checkpoint (each is one reader)", f"observers[{i}].checkpoints")
-            for section in ("images", "perturbation"):
+            for section in ("images", "perturbation") if spec.perception else ("images",):
                 if getattr(spec, section) is None:
                     fail(f"observer {name!r} is computed by a model, which needs an `{section}` section",
                          f"observers[{i}].model")
+        elif not spec.perception:
+            fail("a robustness-only study (no severities and subgroups) takes model observers only",
+                 f"observers[{i}].predictions")
         if spec.observers[i].likelihood not in ("auto", "binary", "soft"):
             fail(f"unknown likelihood {spec.observers[i].likelihood!r}; expected auto, binary or soft",
                  f"observers[{i}].likelihood")
+    for key in ("batch_size", "workers"):
+        if getattr(spec.runner, key) < 1:
+            fail("must be at least 1", f"runner.{key}")
+    for i, fmt in enumerate(spec.outputs.figures):
+        if fmt not in FIGURE_FORMATS:
+            fail(f"unknown figure format {fmt!r}; expected {', '.join(FIGURE_FORMATS)}", f"outputs.figures[{i}]")
+    if spec.robustness is not None:
+        _check_robustness(spec, fail)
+    if not spec.perception:
+        for section in ("roi", "perturbation"):
+            if getattr(spec, section) is not None:
+                fail("needs severities and subgroups: a robustness-only study has no use for it", section)
+        return
     levels = spec.severities.levels
     if len(levels) < 2:
         fail("give at least two severities: the unperturbed reference first, then the perturbed ones",
@@ -430,12 +474,6 @@ def _check(spec: Spec) -> None:
         if "entire_image" not in spec.perturbation.regions:
             fail("include entire_image: the whole-image predictions are what the latent model analyses",
                  "perturbation.regions")
-    for key in ("batch_size", "workers"):
-        if getattr(spec.runner, key) < 1:
-            fail("must be at least 1", f"runner.{key}")
-    for i, fmt in enumerate(spec.outputs.figures):
-        if fmt not in FIGURE_FORMATS:
-            fail(f"unknown figure format {fmt!r}; expected {', '.join(FIGURE_FORMATS)}", f"outputs.figures[{i}]")
     roi = spec.roi
     if roi is not None:
         if roi.observer not in names:
@@ -454,3 +492,14 @@ def _check(spec: Spec) -> None:
             fail("give either predictions (a tidy CSV) or interior, exterior and exams (published layout)", "roi")
         if roi.predictions is not None and any(p is not None for p in published):
             fail("give predictions or interior/exterior/exams, not both", "roi")
+
+
+def _check_robustness(spec: Spec, fail) -> None:
+    if not spec.robustness.perturbations:
+        fail("name at least one perturbation", "robustness.perturbations")
+    if not any(o.model is not None for o in spec.observers):
+        fail("the robustness study needs model observers (model and checkpoints)", "robustness")
+    names = [p.name for p in spec.robustness.perturbations]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            fail(f"perturbation {name!r} is listed twice", f"robustness.perturbations[{i}].name")

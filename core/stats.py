@@ -40,3 +40,10 @@ def separability_summary(ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     for s in range(1, ks.shape[1]):
         pvalue[s] = stats.ks_2samp(ks[:, 0], ks[:, s], alternative="less").pvalue
     return mean, sd, pvalue
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half."""
+    ranks = stats.rankdata(np.concatenate([positive, negative]))
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
