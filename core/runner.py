@@ -175,7 +175,9 @@ class ImageWork:
             if n == len(todo) or now - last > 2:  # a line every few seconds, not one per unit
                 last = now
                 left = (now - started) / n * (len(todo) - n)
-                progress(f"{what}: {done + n}/{len(units)} work units done, about {left:.0f} s left")
+                filled = round(20 * (done + n) / len(units))
+                progress(f"{what} [{'#' * filled}{'.' * (20 - filled)}] {done + n}/{len(units)} work units, "
+                         f"about {left:.0f} s left")
 
         if workers > 1:
             # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
