@@ -173,3 +173,19 @@ def ideal_lowpass_mask(height: int, width: int, radius: float, device: torch.dev
     """
     inside = squared_distance(height, width, device) <= radius * radius
     return (inside if keep_low else ~inside).to(dtype)
+
+
+class IdealFilter(FourierFilter):
+    """A hard cut-off at R (cycles/mm on the breast by default): `keep_low` keeps the frequencies at
+    or inside it (low-pass), otherwise those strictly outside (high-pass)."""
+
+    severity_unit = "cycles_per_mm"
+    keep_low: bool
+
+    @attrs.frozen
+    class Options:
+        unit: str = unit_option("cycles_per_mm")
+        rescale: str = rescale_option()
+
+    def mask(self, height, width, radius, device, dtype):
+        return ideal_lowpass_mask(height, width, radius, device, dtype, keep_low=self.keep_low)

@@ -11,24 +11,14 @@ Complementary to `ideal_lowpass` at the same R: their unclipped outputs sum to t
 
 from __future__ import annotations
 
-import attrs
-
 from perceptcore.plugins import hookimpl
 
-from ._frequency import FourierFilter, ideal_lowpass_mask, rescale_option, unit_option
+from ._frequency import IdealFilter
 
 
-class IdealHighpass(FourierFilter):
+class IdealHighpass(IdealFilter):
     name = "ideal_highpass"
-    severity_unit = "cycles_per_mm"
-
-    @attrs.frozen
-    class Options:
-        unit: str = unit_option("cycles_per_mm")
-        rescale: str = rescale_option()
-
-    def mask(self, height, width, radius, device, dtype):
-        return ideal_lowpass_mask(height, width, radius, device, dtype, keep_low=False)
+    keep_low = False
 
 
 @hookimpl

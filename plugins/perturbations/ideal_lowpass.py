@@ -10,24 +10,14 @@ Options `unit` (default "cycles_per_mm") and `rescale` ("minmax", published styl
 
 from __future__ import annotations
 
-import attrs
-
 from perceptcore.plugins import hookimpl
 
-from ._frequency import FourierFilter, ideal_lowpass_mask, rescale_option, unit_option
+from ._frequency import IdealFilter
 
 
-class IdealLowpass(FourierFilter):
+class IdealLowpass(IdealFilter):
     name = "ideal_lowpass"
-    severity_unit = "cycles_per_mm"
-
-    @attrs.frozen
-    class Options:
-        unit: str = unit_option("cycles_per_mm")
-        rescale: str = rescale_option()
-
-    def mask(self, height, width, radius, device, dtype):
-        return ideal_lowpass_mask(height, width, radius, device, dtype, keep_low=True)
+    keep_low = True
 
 
 @hookimpl
