@@ -74,7 +74,7 @@ def _study(args):
     from .plugins import load_registry
     from .robustness import Robustness
     from .run import Study, check_out_dir, progress_to_stderr
-    from .runner import Runner
+    from .runner import ImageWork, Runner
     from .spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
@@ -82,8 +82,9 @@ def _study(args):
         check_out_dir(_out_dir(args, spec))
     registry = load_registry()
     try:
-        robustness = Robustness(spec, registry, progress_to_stderr) if spec.robustness else None
-        runner = Runner(spec, registry)
+        work = ImageWork.of(spec, registry)
+        robustness = Robustness(spec, work, progress_to_stderr) if spec.robustness else None
+        runner = Runner(spec, work)
         if args.command == "validate" and (runner.units or robustness):
             planned = f"the runner will compute {runner.n_predictions} predictions in {len(runner.units)} work units"
             if robustness:
@@ -223,7 +224,7 @@ def _reader_names(text: str) -> list[str]:
 
 def _import_reads(args) -> int:
     from . import reader_study
-    from .data import read_table
+    from .data import read_table, write_csv
 
     design = Path(args.design)
     assignment = read_table(design / "assignment.csv", str(design), text_columns=("reader", "exam", "severity"))
@@ -232,9 +233,7 @@ def _import_reads(args) -> int:
     predictions = reader_study.import_reads(assignment, cases_of_exam, args.worksheets, args.calls)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    predictions.to_csv(partial, index=False)
-    partial.replace(out)
+    write_csv(predictions, out)
     expected = sum(len(cases_of_exam[e]) for e in assignment["exam"].astype(str))
     print(f"wrote {out}: {len(predictions)} calls of the {expected} the design asks for")
     return 0

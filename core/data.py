@@ -9,6 +9,7 @@ Case ids are strings; the published layout's breast n of exam e is ``"e/left"`` 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from pathlib import Path
 
@@ -111,6 +112,13 @@ def read_table(path: Path, where: str, text_columns=()) -> pd.DataFrame:
     if table.empty:
         raise PerceptcoreError(f"{path}: table has no rows", where)
     return table
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write a table so that `path` never holds half of it: a partial file, then an atomic rename."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    table.to_csv(partial, index=False)
+    partial.replace(path)
 
 
 def require_columns(table: pd.DataFrame, columns, path: Path, where: str) -> None:

@@ -24,11 +24,10 @@ import numpy as np
 import pandas as pd
 
 from . import images as image_io
-from .data import load_cases
 from .errors import PerceptcoreError
 from .perturbation import NoiseBaseline, expected_noise_norm, perturbation_norms
-from .plugins import Registry
-from .runner import Condition, ImageWork, _hash, _version, _write_csv, perturb_image
+from .data import load_cases, write_csv
+from .runner import Condition, ImageWork, _hash, _version, perturb_image
 from .spec import Spec
 from .stats import auc
 
@@ -39,11 +38,10 @@ UNPERTURBED = "unperturbed"
 class Robustness:
     """Validates the robustness study on construction; compute() predicts, write_into() writes."""
 
-    def __init__(self, spec: Spec, registry: Registry, progress: Callable[[str], None]):
+    def __init__(self, spec: Spec, work: ImageWork, progress: Callable[[str], None]):
         self.spec = spec
         self.progress = progress
-        observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
-        self.work = ImageWork(spec, registry, observers)
+        self.work = work
         section = spec.cases
         self.cases = load_cases(spec.path(section.file), section.id, section.label, section.positive, "cases.file")
         known = set(self.cases.ids)
@@ -114,7 +112,7 @@ class Robustness:
         (staging / "predictions").mkdir(exist_ok=True)
         for model, rows in self.predictions.groupby("model", sort=False):
             name = f"predictions/{model}_robustness.csv"
-            _write_csv(rows.drop(columns="model"), staging / name)
+            write_csv(rows.drop(columns="model"), staging / name)
             files.append(name)
         figure = _figure(self.table)
         for fmt in self.spec.outputs.figures:

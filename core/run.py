@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .data import Cases, ObserverGroup, RoiPredictions, load_cases, load_observer_group, load_roi_published, load_roi_tidy
+from .data import Cases, RoiPredictions, load_cases, load_observer_group, load_roi_published, load_roi_tidy
 from .errors import PerceptcoreError
 from .latent_model import Fit, FitSettings, LatentModelData, predictive_probability
 from .plugins import Registry

@@ -35,6 +35,7 @@ import pandas as pd
 
 from . import __version__
 from . import images as image_io
+from .data import write_csv
 from .errors import PerceptcoreError
 from .perturbation import ImageBatch, restrict
 from .plugins import Registry
@@ -104,6 +105,12 @@ class _Unit:
 
 class ImageWork:
     """The manifest, the model observers and the cache that every image-based computation shares."""
+
+    @classmethod
+    def of(cls, spec: Spec, registry: Registry) -> "ImageWork | None":
+        """Built once per run, when the spec has model observers (the runner and the robustness study share it)."""
+        observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
+        return cls(spec, registry, observers) if observers else None
 
     def __init__(self, spec: Spec, registry: Registry, observers):
         self.spec = spec
@@ -196,13 +203,12 @@ class Runner:
 
     Validates everything on construction; `run` computes what the cache lacks."""
 
-    def __init__(self, spec: Spec, registry: Registry):
+    def __init__(self, spec: Spec, work: ImageWork | None):
         self.spec = spec
-        self.observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
+        self.work = work
         self.units, self.severities, self.regions = [], (), ()
-        if not self.observers or spec.perturbation is None:
+        if work is None or spec.perturbation is None:
             return
-        self.work = ImageWork(spec, registry, self.observers)
         p = spec.perturbation
         perturbation, options = self.work.perturbation(p.name, p.options, "perturbation")
         self.severities = tuple(severity_value(label, f"severities.levels[{i}]")
@@ -233,7 +239,9 @@ class Runner:
         observers = list(spec.observers)
         roi = spec.roi
         labels = spec.severities.levels
-        for i, observer in self.observers:
+        for i, observer in enumerate(spec.observers):
+            if observer.model is None:
+                continue
             rows = []
             for unit in (u for u in self.units if u.path.parent.name == observer.name):
                 with np.load(unit.path) as stored:
@@ -244,12 +252,12 @@ class Runner:
                         rows += [(reader, label, case, region, float(v)) for case, v in zip(unit.cases, values[s, r])]
             table = pd.DataFrame(rows, columns=["reader", "severity", "case", "region", "prediction"])
             whole = folder / f"{observer.name}.csv"
-            _write_csv(table[table.region == "entire_image"].drop(columns="region"), whole)
+            write_csv(table[table.region == "entire_image"].drop(columns="region"), whole)
             observers[i] = attrs.evolve(observer, predictions=str(whole), columns={})
             if roi is not None and roi.observer == observer.name:
                 regional = table[table.region != "entire_image"].assign(annotator="manifest")
                 path = folder / f"{observer.name}_roi.csv"
-                _write_csv(regional[["annotator", "reader", "severity", "case", "region", "prediction"]], path)
+                write_csv(regional[["annotator", "reader", "severity", "case", "region", "prediction"]], path)
                 roi = attrs.evolve(roi, predictions=str(path), columns={})
         return attrs.evolve(spec, observers=tuple(observers), roi=roi)
 
@@ -344,9 +352,3 @@ def _sha256(path: Path) -> str:
 
 def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    table.to_csv(partial, index=False)
-    partial.replace(path)

@@ -250,7 +250,7 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
     for override in overrides:
         _apply_override(raw, override)
     try:
-        spec = _build(Spec, raw, "")
+        spec = structure(Spec, raw, "")
     except PerceptcoreError as exc:
         raise exc.at(where) from None
     spec = attrs.evolve(spec, source=where, base=str(path.parent.resolve()))
@@ -301,12 +301,9 @@ def _join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def structure(cls, raw: dict, where: str):
-    """An attrs class (e.g. a plugin's Options) from a spec mapping: unknown keys and wrong types are errors."""
-    return _build(cls, raw, where)
-
-
-def _build(cls, raw, where):
+def structure(cls, raw, where: str):
+    """An attrs class (a spec section, a plugin's Options) from a spec mapping: unknown keys and
+    wrong types are errors at `where`."""
     if not isinstance(raw, dict):
         raise PerceptcoreError(f"expected a mapping with keys {', '.join(_keys(cls))}", where or None)
     fields = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
@@ -339,14 +336,14 @@ def _convert(hint, value, where, field_id):
     if origin is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if attrs.has(hint):
-        return _build(hint, value, where)
+        return structure(hint, value, where)
     if hint is tuple:
         items = value if isinstance(value, list) else [value]
         item_cls = LIST_OF.get(field_id)
         if item_cls is not None:
             if not isinstance(value, list) or not value:
                 raise PerceptcoreError(f"expected a non-empty list of {item_cls.__name__.removesuffix('Section').lower()}s", where)
-            return tuple(_build(item_cls, item, _join(where, i)) for i, item in enumerate(items))
+            return tuple(structure(item_cls, item, _join(where, i)) for i, item in enumerate(items))
         return tuple(_scalar(str, item, _join(where, i)) for i, item in enumerate(items))
     if hint is dict:
         if not isinstance(value, dict):

@@ -7,7 +7,6 @@ their observed predictions as well.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from perceptcore.plugins import hookimpl
