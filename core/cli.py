@@ -1,4 +1,4 @@
-"""The `perceptcore` command: run, validate, plugins, design-reader-study, import-reads."""
+"""The `perceptcore` command: run, validate, train, plugins, design-reader-study, import-reads."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     validate.add_argument("spec")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    train = commands.add_parser("train", help="train the spec's `training` models (run trains them too)")
+    train.add_argument("spec")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     commands.add_parser("plugins", help="list the loaded plugins")
 
     design = commands.add_parser("design-reader-study",
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        commands = {"run": _run, "validate": _validate, "plugins": _plugins,
+        commands = {"run": _run, "validate": _validate, "train": _train, "plugins": _plugins,
                     "design-reader-study": _design_reader_study, "import-reads": _import_reads}
         return commands[args.command](args)
     except PerceptcoreError as exc:
@@ -71,30 +75,54 @@ def main(argv=None) -> int:
 
 
 def _study(args):
+    from .dataset import with_generated_data
     from .plugins import load_registry
     from .robustness import Robustness
     from .run import Study, check_out_dir, progress_to_stderr
     from .runner import ImageWork, Runner
     from .spec import load_spec
+    from .training import TrainingLog, trainings_of
 
     spec = load_spec(args.spec, args.overrides)
     if args.command == "run":  # before any work: refuse an --out that is not an earlier run
         check_out_dir(_out_dir(args, spec))
     registry = load_registry()
     try:
-        work = ImageWork.of(spec, registry)
+        spec = with_generated_data(spec, registry, progress_to_stderr)
+        trainings = trainings_of(spec, registry)
+        work = ImageWork.of(spec, registry, trainings)
         robustness = Robustness(spec, work, progress_to_stderr) if spec.robustness else None
         runner = Runner(spec, work)
-        if args.command == "validate" and (runner.units or robustness):
-            planned = f"the runner will compute {runner.n_predictions} predictions in {len(runner.units)} work units"
+        if args.command == "validate":
+            planned = [f"{len(t.jobs)} models of training {t.name!r}" for t in trainings.values()]
+            if runner.units:
+                planned.append(f"{runner.n_predictions} predictions in {len(runner.units)} work units")
             if robustness:
-                planned += f" and the robustness study of {len(robustness.perturbations)} perturbations"
-            print(f"{spec.source}: ok — {planned}; their analysis is checked when they exist")
-            return []
+                planned.append(f"the robustness study of {len(robustness.perturbations)} perturbations")
+            if planned:
+                print(f"{spec.source}: ok — the run will compute {', '.join(planned)}; their analysis is checked "
+                      "when they exist")
+                return []
+        for training in trainings.values():
+            training.run(progress_to_stderr)
+        if args.command == "train":
+            return list(trainings.values())
         parts = [Study(runner.run(progress_to_stderr), registry)] if spec.perception else []
-        return parts + ([robustness] if robustness else [])
+        parts += [robustness] if robustness else []
+        return parts + ([TrainingLog(list(trainings.values()))] if trainings else [])
     except PerceptcoreError as exc:
         raise exc.at(spec.source) from None
+
+
+def _train(args) -> int:
+    trainings = _study(args)
+    if not trainings:
+        raise PerceptcoreError("the spec has no `training` section", args.spec)
+    for training in trainings:
+        for reader, path, _, level in training.checkpoints():
+            severity = "" if level is None else f" severity {training.spec.severities.levels[level]}"
+            print(f"{training.name}{severity} {reader}: {path}")
+    return 0
 
 
 def _out_dir(args, spec) -> Path:

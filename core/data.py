@@ -163,6 +163,10 @@ class Cases:
     def __len__(self) -> int:
         return len(self.table)
 
+    def subset(self, positions) -> "Cases":
+        """The cases at `positions` (in that order), renumbered from 0."""
+        return Cases(self.table.iloc[np.asarray(positions, dtype=int)].reset_index(drop=True), self.positive_label)
+
 
 def load_cases(path: Path, id_columns, label_column: str, positive_label: str, where: str) -> Cases:
     table = read_table(path, where)

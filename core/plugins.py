@@ -43,6 +43,10 @@ class HookSpecs:
     def perceptcore_register_backends(self, register):
         """Register latent-model inference backends: objects following `latent_model.Backend`."""
 
+    @hookspec
+    def perceptcore_register_datasets(self, register):
+        """Register data generators: objects with `name`, `Options` and `generate(options, folder, seed, progress)`."""
+
 
 # What the core needs of each kind, beyond a `name`; checked at registration.
 KINDS = {
@@ -51,6 +55,7 @@ KINDS = {
     "subgroups": ("perceptcore_register_subgroups", ("subgroups", "assign")),
     "metric": ("perceptcore_register_metrics", ("outputs", "compute")),
     "backend": ("perceptcore_register_backends", ("methods", "priority", "unavailable_reason", "fit")),
+    "dataset": ("perceptcore_register_datasets", ("Options", "generate")),
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -171,6 +171,13 @@ def _figures(ctx):
                     "interior, only its exterior, or the entire image is perturbed; mean ± sd of the KS statistic; "
                     "numbers above: one-tailed KS-test p-values against the reference severity.",
                     lambda: _roi_figure(ctx)))
+    if getattr(ctx.study, "calibration", None) is not None:
+        out.append(("fig_reliability", "Reliability of the calibrated observers on the test cases at the reference "
+                    f"severity ({ctx.sev(ctx.severities[0])}), every reader pooled: observed frequency of "
+                    f"{ctx.study.cases.positive_label} cases against the mean predicted probability per equal-width "
+                    "bin (marker area: cases in the bin), before and after calibration; the diagonal is perfect "
+                    "calibration. ECE: class-wise expected calibration error, mean over readers.",
+                    lambda: _reliability_figure(ctx)))
     traces = _traces(ctx.study)
     if traces:
         out.append(("fit_elbo", "ELBO per iteration of every latent-model fit that records one; red dashed "
@@ -300,6 +307,41 @@ def _roi_figure(ctx):
     axes[0][0].set_ylabel("KS statistic (mean ± sd)")
     _legend(fig, *axes[0][0].get_legend_handles_labels())
     fig.suptitle(f"Class separability with {_mpl(ctx.perturbation)} restricted to regions", fontweight="bold")
+    return fig
+
+
+def _reliability_figure(ctx):
+    from .calibration import reliability
+
+    calibration = ctx.study.calibration
+    observers = list(calibration.before)
+    table = ctx.tables.get("calibration", pd.DataFrame())
+    bins = ctx.study.spec.calibration.bins
+    fig, axes = plt.subplots(1, len(observers), figsize=(4.4 * len(observers), 4.6), constrained_layout=True,
+                             squeeze=False)
+    for ax, observer in zip(axes[0], observers):
+        rows = table[table["observer"].astype(str) == observer] if len(table) else table
+        for key, values, colour, style in (("before", calibration.before[observer], "#D55E00", "--"),
+                                           ("after", ctx.study.observers[observer].values, "#0072B2", "-")):
+            reference = values[:, 0, :]
+            positive = np.broadcast_to(ctx.study.cases.positive, reference.shape)
+            seen = np.isfinite(reference)
+            r = reliability(reference[seen], positive[seen], bins)
+            filled = r.counts > 0
+            ece = rows[f"ece_test_{key}"].mean() if len(rows) else np.nan
+            ax.plot(r.confidence[filled], r.frequency[filled], color=colour, ls=style, lw=1.4,
+                    label=f"{key} (ECE {_ece(ece)})")
+            ax.scatter(r.confidence[filled], r.frequency[filled], s=12 + 60 * r.counts[filled] / r.counts.max(),
+                       color=colour, zorder=3, alpha=0.8)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, zorder=0)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.set_xlabel("mean predicted probability")
+        ax.set_title(_pretty(observer))
+        ax.legend(loc="upper left", frameon=False)
+    axes[0][0].set_ylabel(_mpl(f"observed frequency of {ctx.study.cases.positive_label} cases"))
+    fig.suptitle("Calibration on the test cases", fontweight="bold")
     return fig
 
 
@@ -464,6 +506,38 @@ def _simpson_sentences(ctx) -> list:
     return out
 
 
+def _ece(x) -> str:
+    """Two decimals, as calibration errors are usually quoted, but never a bare 0.00."""
+    return f"{x:.2f}" if np.isfinite(x) and x >= 0.01 else _num(x)
+
+
+def _calibration_sentences(ctx) -> list:
+    table = ctx.tables.get("calibration")
+    if table is None or table.empty:
+        return []
+    out = []
+    for observer, rows in table.groupby(table["observer"].astype(str), sort=False):
+        before, after = rows["ece_test_before"].mean(), rows["ece_test_after"].mean()
+        readers = rows["reader"].nunique()
+        fitted_at = list(dict.fromkeys(rows["fitted_at"].astype(str)))
+        over = f"{readers} reader{'s' if readers != 1 else ''}"
+        if len(fitted_at) > 1:
+            over += f" x {len(fitted_at)} severities, each calibrated on its own predictions"
+        else:
+            over += f"; fitted at {ctx.sev(fitted_at[0])} and applied at every severity"
+        n = int(rows["n_validation"].max())
+        if not (np.isfinite(before) and np.isfinite(after)):
+            text = f"{observer}'s calibration cannot be judged: the test cases lack one of the classes"
+        elif _ece(after) == _ece(before):
+            text = f"Calibration left {observer}'s class-wise ECE on the test cases unchanged at {_ece(before)}"
+        else:
+            verb = "lowered" if after < before else "raised"
+            text = (f"Calibration {verb} {observer}'s class-wise ECE on the test cases from {_ece(before)} to "
+                    f"{_ece(after)}")
+        out.append((f"{text} (mean over {over}; {n} validation cases).", False))
+    return out
+
+
 # --------------------------------------------------------------------------- HTML
 
 CSS = """
@@ -506,7 +580,8 @@ def _html(ctx, figures) -> str:
     for heading, sentences in (("Predictive confidence", _confidence_sentences(ctx)),
                                ("Class separability", _separability_sentences(ctx)),
                                ("Regions of interest", _roi_sentences(ctx)),
-                               ("Simpson's paradox", _simpson_sentences(ctx))):
+                               ("Simpson's paradox", _simpson_sentences(ctx)),
+                               ("Calibration", _calibration_sentences(ctx))):
         if sentences:
             items = "".join(f"<li>{e(text)}" + (" <span class='unreliable'>(unreliable: a fit did not converge)"
                                                  "</span>" if shaky else "") + "</li>" for text, shaky in sentences)
@@ -550,6 +625,10 @@ def _summary(ctx, fit_table) -> str:
                  f"seed {study.spec.fit_seed}.")
     else:
         text += f"No latent model was fitted (seed {study.spec.fit_seed})."
+    calibration = getattr(study, "calibration", None)
+    if calibration is not None:
+        text += (f" A further {calibration.n_validation} cases were held out to calibrate "
+                 f"{_join(list(calibration.before))} and are left out of every analysis.")
     return text
 
 

@@ -27,7 +27,7 @@ from . import images as image_io
 from .errors import PerceptcoreError
 from .perturbation import NoiseBaseline, expected_noise_norm, perturbation_norms
 from .data import load_cases, write_csv
-from .runner import Condition, ImageWork, _hash, _version, perturb_image
+from .runner import Condition, ImageWork, perturb_image, plugin_version, stable_hash
 from .spec import Spec
 from .stats import auc
 
@@ -85,7 +85,7 @@ class Robustness:
         for item, perturbation, options in self.perturbations:
             if not item.baseline:
                 continue
-            key = _hash([_version(self.work.registry, "perturbation", item.name), item.name,
+            key = stable_hash([plugin_version(self.work.registry, "perturbation", item.name), item.name,
                          attrs.asdict(options, recurse=True), item.severity, self.spec.study.seed,
                          self.work.image_keys])
             path = self.work.cache / "robustness" / f"noise-sd-{key}.json"

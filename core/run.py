@@ -24,7 +24,10 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .data import Cases, RoiPredictions, load_cases, load_observer_group, load_roi_published, load_roi_tidy
+from .calibration import COLUMNS as CALIBRATION_COLUMNS
+from .calibration import StudyCalibration, calibrate_group
+from .data import (Cases, RoiPredictions, case_ids, load_cases, load_observer_group, load_roi_published,
+                   load_roi_tidy, read_table, require_columns)
 from .errors import PerceptcoreError
 from .latent_model import Fit, FitSettings, LatentModelData, predictive_probability
 from .plugins import Registry
@@ -72,6 +75,7 @@ class Study:
             for i, o in enumerate(spec.observers)
         }
         self.roi = self._load_roi()
+        self.calibration = self._calibrate() if spec.calibration is not None else None
         self.groupings = self._groupings()
         for i, metric in enumerate(self.metrics):
             check = getattr(metric, "check", None)
@@ -80,7 +84,7 @@ class Study:
         self._fits: dict = {}
         self._selected: dict = {}
         self._predictive: dict = {}
-        self._tables: dict = {}
+        self._tables: dict = {} if self.calibration is None else {"calibration": self.calibration.table}
         self._computing: set = set()
 
     # ------------------------------------------------------------------ loading
@@ -118,21 +122,26 @@ class Study:
         if unknown:
             raise PerceptcoreError(f"subgroup definition {definition.name!r} produced unknown subgroup {unknown[0]!r}",
                                    "subgroups.definition")
-        for i, name in enumerate(spec.subgroups.analyse):
+        self._check_cases(cases, subgroup, definition)
+        return cases, subgroup
+
+    def _check_cases(self, cases: Cases, subgroup: np.ndarray, definition, among: str = "") -> None:
+        """Every analysed subgroup has cases and positive cases, and not every case is positive."""
+        known = tuple(definition.subgroups)
+        for i, name in enumerate(self.spec.subgroups.analyse):
             where = f"subgroups.analyse[{i}]"
             if name not in known:
                 raise PerceptcoreError(f"{definition.name!r} has no subgroup {name!r}; its subgroups are "
                                        f"{', '.join(known)}", where)
             members = subgroup == name
             if not members.any():
-                raise PerceptcoreError(f"subgroup {name!r} has no cases", where)
+                raise PerceptcoreError(f"subgroup {name!r} has no cases{among}", where)
             if not cases.positive[members].any():
-                raise PerceptcoreError(f"subgroup {name!r} has no {cases.positive_label} cases, so class "
+                raise PerceptcoreError(f"subgroup {name!r} has no {cases.positive_label} cases{among}, so class "
                                        "separability is undefined", where)
         if cases.positive.all():
-            raise PerceptcoreError(f"every case is {cases.positive_label}; there is nothing to separate them from",
-                                   "cases.file")
-        return cases, subgroup
+            raise PerceptcoreError(f"every case{among} is {cases.positive_label}; there is nothing to separate them "
+                                   "from", "cases.file")
 
     def _load_roi(self) -> RoiPredictions | None:
         roi = self.spec.roi
@@ -143,6 +152,80 @@ class Study:
                                  "roi.predictions")
         return load_roi_published(self.spec.path(roi.interior), self.spec.path(roi.exterior),
                                   self.spec.path(roi.exams), self.cases, len(self.severities), "roi")
+
+    # ------------------------------------------------------------------ calibration
+
+    def _calibrate(self) -> StudyCalibration:
+        """Fit each calibrated observer's maps on the validation cases and apply them; then keep only
+        the test cases, for every observer group and the ROI study, so no analysis sees a case a
+        calibration map was fitted on."""
+        section = self.spec.calibration
+        validation = self._validation_cases()
+        where = "calibration.validation_cases" if section.validation_cases is not None else "calibration.validation"
+        held_positive, label = self.cases.positive[validation], self.cases.positive_label
+        if not validation.any():
+            raise PerceptcoreError("holds out no case: the fraction of each (subgroup, class) stratum rounds to 0",
+                                   where)
+        if held_positive.all() or not held_positive.any():
+            share = "all" if held_positive.all() else "none"
+            raise PerceptcoreError(f"{share} of the {len(held_positive)} validation cases are {label}: fitting a "
+                                   "calibration needs cases of both classes", where)
+        test = np.flatnonzero(~validation)
+        rows, before = [], {}
+        for name in self._calibrated_observers():
+            group = self.observers[name]
+            values, fitted = calibrate_group(
+                name, group.readers, group.values, self.cases.positive, validation, self.severities,
+                _one_model_per_severity(self.spec, self.spec.observer(name)), section.strength_grid, section.folds,
+                section.bins, self.spec.study.seed, where)
+            rows += fitted
+            before[name] = group.values[..., test]
+            self.observers[name] = attrs.evolve(group, values=values)
+        for name, group in list(self.observers.items()):
+            kept = group.values[..., test]
+            if np.isnan(kept[:, 0, :]).all():
+                raise PerceptcoreError(f"observer group {name!r} has no prediction at the reference severity on the "
+                                       "test cases (the others are held out for calibration)", where)
+            self.observers[name] = attrs.evolve(group, values=kept)
+        among = " among the test cases (the others are held out for calibration)"
+        definition = self.registry.get("subgroups", self.spec.subgroups.definition, "subgroups.definition")
+        self._check_cases(self.cases.subset(test), self.subgroup[test], definition, among)
+        if self.roi is not None:
+            self.roi = _roi_subset(self.roi, test, len(self.cases))
+        self.cases, self.subgroup = self.cases.subset(test), self.subgroup[test]
+        self.progress(f"calibrated {', '.join(before)} on {int(validation.sum())} validation cases; "
+                      f"analysing the other {len(test)}")
+        return StudyCalibration(pd.DataFrame(rows, columns=CALIBRATION_COLUMNS), before, int(validation.sum()))
+
+    def _calibrated_observers(self) -> list[str]:
+        listed = self.spec.calibration.observers
+        if not listed:
+            soft = [name for name, group in self.observers.items() if group.soft]
+            if not soft:
+                raise PerceptcoreError("no observer group predicts probabilities (every one gives 0/1 calls), so "
+                                       "there is nothing to calibrate", "calibration")
+            return soft
+        for i, name in enumerate(listed):
+            if not self.observers[name].soft:
+                raise PerceptcoreError(f"observer {name!r} gives 0/1 calls; only probabilities can be calibrated",
+                                       f"calibration.observers[{i}]")
+        return list(listed)
+
+    def _validation_cases(self) -> np.ndarray:
+        """Which cases are held out to fit the calibration: those the file names, or a seeded share of
+        every (subgroup, label) stratum, so each subgroup keeps its mix of classes in the test cases."""
+        section = self.spec.calibration
+        if section.validation_cases is not None:
+            return _named_cases(self.spec.path(section.validation_cases), self.spec.cases.id, self.cases,
+                                "calibration.validation_cases")
+        rng = np.random.default_rng(self.spec.study.seed)
+        validation = np.zeros(len(self.cases), bool)
+        positive = self.cases.positive
+        for subgroup, label in sorted(set(zip(self.subgroup, positive))):
+            members = np.flatnonzero((self.subgroup == subgroup) & (positive == label))
+            chosen = rng.permutation(members)[: int(np.floor(section.fraction * len(members) + 0.5))]
+            validation[chosen] = True
+        return validation
 
     def _groupings(self) -> list[Grouping]:
         definition = self.registry.get("subgroups", self.spec.subgroups.definition, "subgroups.definition")
@@ -336,9 +419,9 @@ class Study:
 
     def _copy_computed_predictions(self, staging: Path) -> list[str]:
         """The prediction tables the runner computed from images belong with the results."""
-        sources = {f"{o.name}.csv": o.predictions for o in self.spec.observers if o.model is not None}
+        sources = {f"{o.name}.csv": o.predictions for o in self.spec.observers if o.computed}
         roi = self.spec.roi
-        if roi is not None and self.spec.observer(roi.observer).model is not None:
+        if roi is not None and self.spec.observer(roi.observer).computed:
             sources[f"{roi.observer}_roi.csv"] = roi.predictions
         for name, source in sources.items():
             (staging / "predictions").mkdir(exist_ok=True)
@@ -347,7 +430,10 @@ class Study:
 
     def manifest(self) -> dict:
         fits = self.fit_records()
-        return {
+        calibration = {} if self.calibration is None else {"calibration": {
+            "observers": list(self.calibration.before), "validation_cases": self.calibration.n_validation,
+            "test_cases": len(self.cases)}}
+        return {**calibration,
             "backend": self.backend.name,
             "method": self.spec.model.method,
             "seed": self.spec.fit_seed,
@@ -387,6 +473,44 @@ def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _one_model_per_severity(spec: Spec, observer) -> bool:
+    """Whether an observer is a separate network at each severity (trained on perturbed images), so
+    each severity needs its own calibration map."""
+    trained = getattr(observer, "trained", None)
+    if not trained:
+        return False
+    training = next((t for t in getattr(spec, "training", ()) if getattr(t, "name", None) == trained), None)
+    return bool(getattr(training, "per_severity", True))
+
+
+def _named_cases(path: Path, id_columns, cases: Cases, where: str) -> np.ndarray:
+    """The cases a CSV names by the cases table's id column(s), as a mask over the cases."""
+    table = read_table(path, where, text_columns=list(id_columns))
+    require_columns(table, list(id_columns), path, where)
+    ids = case_ids(table, id_columns)
+    index = cases.index_of()
+    mask = np.zeros(len(cases), bool)
+    for row, case in enumerate(ids):
+        if case not in index:
+            raise PerceptcoreError(f"{path}: row {row + 2}: case {case!r} is not in the cases table", where)
+        if mask[index[case]]:
+            raise PerceptcoreError(f"{path}: row {row + 2}: case {case!r} is named twice", where)
+        mask[index[case]] = True
+    return mask
+
+
+def _roi_subset(roi: RoiPredictions, keep: np.ndarray, n_cases: int) -> RoiPredictions:
+    """The ROI study restricted to the cases at positions `keep`, renumbered as in the kept cases."""
+    position = np.full(n_cases, -1)
+    position[keep] = np.arange(len(keep))
+    kept = position[roi.cases] >= 0
+    if not kept.any():
+        raise PerceptcoreError("no case of the ROI study is among the test cases (the others are held out for "
+                               "calibration)", "roi")
+    return attrs.evolve(roi, cases=position[roi.cases][kept],
+                        values={region: values[..., kept] for region, values in roi.values.items()})
 
 
 def _fit(backend, data: LatentModelData, settings: FitSettings) -> Fit:

@@ -44,13 +44,17 @@ from .spec import Spec, structure
 
 @attrs.frozen(eq=False)
 class ViewImage:
-    """One perturbed image of a case: float32 grey levels (H, W), its spacing and grey-level range."""
+    """One perturbed image of a case: float32 grey levels (H, W), its spacing and grey-level range.
+
+    `roi_boxes` are the manifest's ROI boxes (row0, col0, row1, col1), half-open: training may
+    use them (a closed-form observer learns what a lesion looks like); predicting must not."""
 
     view: str
     laterality: str
     pixels: object  # torch.Tensor
     spacing_mm: float
     max_value: float
+    roi_boxes: tuple = ()
 
 
 @attrs.frozen(eq=False)
@@ -84,6 +88,18 @@ class Condition:
     options: object
     severity: float
     seed_key: str
+    level: int | None = None  # the perception study's severity index; a per-severity model sees only its own
+
+
+@attrs.frozen
+class Checkpoint:
+    """One reader of a model observer: its weights, their content key, and — for models trained
+    per severity — the one severity level it predicts (None: every condition)."""
+
+    reader: str
+    path: Path
+    digest: str
+    level: int | None = None
 
 
 @attrs.frozen(eq=False)
@@ -95,6 +111,7 @@ class _Unit:
     model: object
     options: object
     checkpoint: Path
+    reader: str
     conditions: tuple
     regions: tuple
     records: tuple  # ImageRecord of the unit's cases
@@ -107,12 +124,13 @@ class ImageWork:
     """The manifest, the model observers and the cache that every image-based computation shares."""
 
     @classmethod
-    def of(cls, spec: Spec, registry: Registry) -> "ImageWork | None":
-        """Built once per run, when the spec has model observers (the runner and the robustness study share it)."""
-        observers = [(i, o) for i, o in enumerate(spec.observers) if o.model is not None]
-        return cls(spec, registry, observers) if observers else None
+    def of(cls, spec: Spec, registry: Registry, trainings: dict) -> "ImageWork | None":
+        """Built once per run, when the spec has model observers (the runner and the robustness study
+        share it); `trainings` (name -> training.Training) provide the trained observers' models."""
+        observers = [(i, o) for i, o in enumerate(spec.observers) if o.computed]
+        return cls(spec, registry, observers, trainings) if observers else None
 
-    def __init__(self, spec: Spec, registry: Registry, observers):
+    def __init__(self, spec: Spec, registry: Registry, observers, trainings: dict):
         self.spec = spec
         self.registry = registry
         self.manifest = image_io.load_manifest(spec.path(spec.images.manifest), "images.manifest",
@@ -120,15 +138,19 @@ class ImageWork:
         self.cache = Path(spec.base) / spec.runner.cache
         self.threads = 1 if spec.runner.workers > 1 else max(1, os.cpu_count() or 1)
         self.by_case = {case: tuple(self.manifest.for_case(case)) for case in self.manifest.cases}
-        cases = list(self.by_case)
-        size = spec.runner.batch_size
-        self.chunks = [cases[i:i + size] for i in range(0, len(cases), size)]
-        self.image_keys = {case: [_file_key(r.file) + [list(map(list, r.roi_boxes)),
-                                                       _file_key(r.roi_mask) if r.roi_mask else None,
+        self.chunks = self.chunked(list(self.by_case))
+        self.image_keys = {case: [file_key(r.file) + [list(map(list, r.roi_boxes)),
+                                                       file_key(r.roi_mask) if r.roi_mask else None,
                                                        r.view, r.laterality, r.pixel_spacing_mm, r.bits]
                                   for r in records] for case, records in self.by_case.items()}
-        self.models = []  # (observer, model, options, [(checkpoint path, sha256)])
+        self.models = []  # (observer, model, options, [Checkpoint])
         for i, observer in observers:
+            if observer.trained is not None:
+                training = trainings[observer.trained]
+                # The key stands for the weights: they are a deterministic function of it.
+                checkpoints = [Checkpoint(reader, path, key, level) for reader, path, key, level in training.checkpoints()]
+                self.models.append((observer, training.model, training.options, checkpoints))
+                continue
             model = registry.get("model", observer.model, f"observers[{i}].model")
             options = structure(model.Options, observer.options, f"observers[{i}].options")
             checkpoints = []
@@ -136,8 +158,8 @@ class ImageWork:
                 path = spec.path(checkpoint)
                 if not path.is_file():
                     raise PerceptcoreError(f"file not found: {path}", f"observers[{i}].checkpoints[{j}]")
-                checkpoints.append((path, _sha256(path)))
-            if len({path.stem for path, _ in checkpoints}) != len(checkpoints):
+                checkpoints.append(Checkpoint(path.stem, path, sha256_of(path)))
+            if len({c.reader for c in checkpoints}) != len(checkpoints):
                 raise PerceptcoreError("checkpoint file names must differ: each names a reader",
                                        f"observers[{i}].checkpoints")
             self.models.append((observer, model, options, checkpoints))
@@ -147,25 +169,45 @@ class ImageWork:
         perturbation = self.registry.get("perturbation", name, f"{where}.name")
         return perturbation, structure(perturbation.Options, options, f"{where}.options")
 
-    def units(self, conditions: tuple, regions: tuple, folder: str) -> list:
-        """Work units of every model observer x checkpoint x chunk of cases for these conditions."""
-        described = [[c.perturbation and (c.perturbation.name, _version(self.registry, "perturbation",
-                                                                        c.perturbation.name)),
-                      c.options and attrs.asdict(c.options, recurse=True), c.severity, c.seed_key]
-                     for c in conditions]
+    def units(self, conditions: tuple, regions: tuple, folder: str, *, regions_of=None, design=None) -> list:
+        """Work units of every model observer x checkpoint x chunk of cases for these conditions.
+
+        `regions_of(observer name)` may narrow the regions per observer; `design(observer name)` may
+        give {(reader, severity level): cases} so that each reader predicts only the cases a sparse
+        reader-study design gives it at each severity."""
         units = []
         for observer, model, options, checkpoints in self.models:
-            for path, digest in checkpoints:
-                for chunk in self.chunks:
-                    # Versions are in the key: an upgraded model or perturbation must not reuse old results.
-                    key = _hash([__version__, _version(self.registry, "model", model.name), model.name,
-                                 attrs.asdict(options, recurse=True), digest, described, regions, self.spec.study.seed,
-                                 chunk, [self.image_keys[c] for c in chunk]])
-                    units.append(_Unit(
-                        key=key, path=self.cache / observer.name / folder / f"{key}.npz", model=model,
-                        options=options, checkpoint=path, conditions=conditions, regions=regions,
-                        records=tuple(r for c in chunk for r in self.by_case[c]), cases=tuple(chunk),
-                        seed=self.spec.study.seed, threads=self.threads))
+            where = regions_of(observer.name) if regions_of else regions
+            assigned = design(observer.name) if design else None
+            for checkpoint in checkpoints:
+                mine = tuple(c for c in conditions if checkpoint.level is None or c.level == checkpoint.level)
+                # A reader of a design sees each case at one severity: a unit per severity then.
+                batches = ([((c,), self.chunked(assigned[(checkpoint.reader, c.level)])) for c in mine]
+                           if assigned is not None else [(mine, self.chunks)] if mine else [])
+                for unit_conditions, chunks in batches:
+                    units += self._units_of(observer, model, options, checkpoint, unit_conditions, chunks, where,
+                                            folder)
+        return units
+
+    def chunked(self, cases: list) -> list:
+        size = self.spec.runner.batch_size
+        return [cases[i:i + size] for i in range(0, len(cases), size)]
+
+    def _units_of(self, observer, model, options, checkpoint, mine, chunks, regions, folder) -> list:
+        units = []
+        described = [[c.perturbation and (c.perturbation.name, plugin_version(
+            self.registry, "perturbation", c.perturbation.name)), c.options and attrs.asdict(
+            c.options, recurse=True), c.severity, c.seed_key] for c in mine]
+        for chunk in chunks:
+            # Versions are in the key: an upgraded model or perturbation must not reuse old results.
+            key = stable_hash([__version__, plugin_version(self.registry, "model", model.name), model.name,
+                               attrs.asdict(options, recurse=True), checkpoint.digest, described, regions,
+                               self.spec.study.seed, chunk, [self.image_keys[c] for c in chunk]])
+            units.append(_Unit(
+                key=key, path=self.cache / observer.name / folder / f"{key}.npz", model=model, options=options,
+                checkpoint=checkpoint.path, reader=checkpoint.reader, conditions=mine, regions=regions,
+                records=tuple(r for c in chunk for r in self.by_case[c]), cases=tuple(chunk),
+                seed=self.spec.study.seed, threads=self.threads))
         return units
 
     def run(self, units: list, progress: Callable[[str], None], what: str = "predicting") -> None:
@@ -218,12 +260,35 @@ class Runner:
             raise PerceptcoreError("perturbation.regions asks for ROI regions but no manifest row has an ROI",
                                    "images.manifest")
         # The seed key is the severity's index: readers' images (reader_study) use the same.
-        conditions = tuple(Condition(perturbation, options, value, str(s)) for s, value in enumerate(self.severities))
-        self.units = self.work.units(conditions, self.regions, "")
+        conditions = tuple(Condition(perturbation, options, value, str(s), level=s)
+                           for s, value in enumerate(self.severities))
+        # Only the ROI observer is shown the images perturbed inside or outside the ROIs.
+        roi_observer = spec.roi.observer if spec.roi is not None else None
+        self.units = self.work.units(
+            conditions, self.regions, "",
+            regions_of=lambda name: self.regions if name == roi_observer else ("entire_image",),
+            design=self._design)
+
+    def _design(self, observer: str) -> dict | None:
+        """{(reader, level): cases} of a reader-study observer: each reader reads each case once, at the
+        severity `reader_study.assign` draws, as simulated radiologists would."""
+        scheme = self.spec.observer(observer).reader_study
+        if scheme is None:
+            return None
+        from .reader_study import assign
+
+        [checkpoints] = [c for o, _, _, c in self.work.models if o.name == observer]
+        readers = [c.reader for c in checkpoints]
+        labels = list(self.spec.severities.levels)
+        table = assign(self.work.manifest.cases, readers, labels, scheme, self.spec.study.seed)
+        cases = {(reader, level): [] for reader in readers for level in range(len(labels))}
+        for reader, case, label in zip(table["reader"], table["exam"], table["severity"]):
+            cases[(reader, labels.index(label))].append(case)
+        return {key: sorted(value, key=list(self.work.by_case).index) for key, value in cases.items()}
 
     @property
     def n_predictions(self) -> int:
-        return sum(len(u.cases) for u in self.units) * len(self.severities) * len(self.regions)
+        return sum(len(u.cases) * len(u.conditions) * len(u.regions) for u in self.units)
 
     def run(self, progress: Callable[[str], None]) -> Spec:
         """Compute the missing units and return the spec with the model observers' predictions filled in."""
@@ -240,16 +305,16 @@ class Runner:
         roi = spec.roi
         labels = spec.severities.levels
         for i, observer in enumerate(spec.observers):
-            if observer.model is None:
+            if not observer.computed:
                 continue
             rows = []
             for unit in (u for u in self.units if u.path.parent.name == observer.name):
                 with np.load(unit.path) as stored:
-                    values = stored["predictions"]  # (severities, regions, cases)
-                reader = unit.checkpoint.stem
+                    values = stored["predictions"]  # (conditions, regions, cases)
                 for r, region in enumerate(unit.regions):
-                    for s, label in enumerate(labels):
-                        rows += [(reader, label, case, region, float(v)) for case, v in zip(unit.cases, values[s, r])]
+                    for c, condition in enumerate(unit.conditions):
+                        rows += [(unit.reader, labels[condition.level], case, region, float(v))
+                                 for case, v in zip(unit.cases, values[c, r])]
             table = pd.DataFrame(rows, columns=["reader", "severity", "case", "region", "prediction"])
             whole = folder / f"{observer.name}.csv"
             write_csv(table[table.region == "entire_image"].drop(columns="region"), whole)
@@ -331,18 +396,18 @@ def perturb_image(perturbation, options, record, pixels, image, severity: float,
     return perturbation.perturb(batch, severity, options, generator)[0]
 
 
-def _version(registry: Registry, kind: str, name: str) -> str:
+def plugin_version(registry: Registry, kind: str, name: str) -> str:
     """The providing package and version (perceptcore's own for the core's noise baseline)."""
     item = next((i for i in registry.all(kind) if i.name == name), None)
     return f"{item.package} {item.version}" if item else f"perceptcore {__version__}"
 
 
-def _file_key(path: Path) -> list:
+def file_key(path: Path) -> list:
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -350,5 +415,5 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hash(value) -> str:
+def stable_hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -102,7 +102,7 @@ def test_missing_required_key(tmp_path, capsys):
 
 
 def test_observer_without_predictions_or_model(tmp_path, capsys):
-    run_bad(tmp_path, capsys, "spec.yaml: observers[1]: give either predictions (a file) or model",
+    run_bad(tmp_path, capsys, "spec.yaml: observers[1]: give one of predictions (a file), model (a model plugin with checkpoints) or trained",
             spec_edit=edit(observers__1__predictions=DELETE))
 
 

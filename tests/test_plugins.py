@@ -92,12 +92,24 @@ class NullBackend:
         raise NotImplementedError
 
 
+class EmptyDataset:
+    name = "empty_dataset"
+
+    @attrs.frozen
+    class Options:
+        n: int = 1
+
+    def generate(self, options, folder, seed, progress):
+        (folder / "cases.csv").write_text("case,label\n")
+
+
 EXAMPLES = {
     "perturbation": BoxBlur(),
     "model": ConstantModel(),
     "subgroups": HalfSplit(),
     "metric": CountMetric(),
     "backend": NullBackend(),
+    "dataset": EmptyDataset(),
 }
 
 
@@ -110,7 +122,7 @@ def _hook_for(kind, obj):
 
 def test_every_hook_spec_has_a_one_line_docstring_and_a_kind():
     specs = [name for name in dir(HookSpecs) if name.startswith("perceptcore_")]
-    assert len(specs) == 5
+    assert len(specs) == 6
     for name in specs:
         doc = inspect.getdoc(getattr(HookSpecs, name))
         assert doc, f"{name} has no docstring"

@@ -116,7 +116,7 @@ def test_parallel_workers_give_the_same_predictions(tmp_path, finished):
 def test_validate_counts_the_work_without_doing_it(tmp_path, capsys):
     spec = write_imaging_study(tmp_path / "study")
     assert main(["validate", str(spec)]) == 0
-    assert "the runner will compute 432 predictions in 12 work units" in capsys.readouterr().out
+    assert "the run will compute 432 predictions in 12 work units" in capsys.readouterr().out
     assert not (tmp_path / "study" / ".perceptcore-cache").exists()
 
 

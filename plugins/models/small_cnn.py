@@ -1,9 +1,10 @@
 """A small convolutional observer: enough network to be a real machine observer in tests and
 demos, small enough to train on a CPU in seconds.
 
-Each image is reduced to `input_size` x `input_size` pixels by area averaging, scaled to
-[0, 1] by its grey-level range, and passed through four conv-ReLU-pool stages and a
-linear head; a case's P(positive) is the mean of its images' probabilities.
+Each image is reduced to `input_size` x `input_size` pixels by area averaging, standardised
+(mean 0, sd 1 per image), and passed through four conv-BN-ReLU-pool stages, a global
+max pool and a linear head; a case's P(positive) is the mean of its images' probabilities. Trainable by
+`perceptcore train` (binary cross-entropy of the case probabilities).
 Checkpoints are plain state dicts (`torch.save(model.state_dict(), path)`), loaded with
 `weights_only=True`, so a checkpoint can never run code.
 """
@@ -38,20 +39,26 @@ class SmallCnnNetwork(nn.Module):
         super().__init__()
         self.input_size = options.input_size
         channels = [1] + [options.width * 2**i for i in range(4)]
-        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels, channels[1:]))
+        # Batch normalisation: without it the network idles at the base rate for many epochs.
+        self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b))
+                                    for a, b in zip(channels, channels[1:]))
         self.head = nn.Linear(channels[-1], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B,) of images (B, 1, input_size, input_size) scaled to [0, 1]."""
-        for conv in self.stages:
-            x = F.max_pool2d(F.relu(conv(x)), 2)
-        return self.head(x.mean(dim=(2, 3))).squeeze(1)
+        """Logits (B,) of standardised images (B, 1, input_size, input_size)."""
+        for stage in self.stages:
+            x = F.max_pool2d(F.relu(stage(x)), 2)
+        # The strongest response anywhere, not the mean: a lesion is small and may lie anywhere.
+        return self.head(x.amax(dim=(2, 3))).squeeze(1)
 
 
 def prepare(pixels: torch.Tensor, max_value: float, size: int) -> torch.Tensor:
-    """One image (H, W) in grey levels -> (1, size, size) in [0, 1]."""
-    scaled = pixels.to(torch.float32)[None, None] / max_value
-    return F.adaptive_avg_pool2d(scaled, size)[0]
+    """One image (H, W) in grey levels -> (1, size, size), standardised per image.
+
+    Standardised rather than divided by the grey-level range: an image's overall brightness is
+    a nuisance the network would otherwise spend its first training steps learning to ignore."""
+    small = F.adaptive_avg_pool2d(pixels.to(torch.float32)[None, None] / max_value, size)[0]
+    return (small - small.mean()) / small.std().clamp_min(1e-5)
 
 
 class SmallCnn:
@@ -69,14 +76,29 @@ class SmallCnn:
         return network.to(device).eval()
 
     def predict(self, loaded: SmallCnnNetwork, cases: list) -> np.ndarray:
-        inputs, owner = [], []
-        for i, case in enumerate(cases):
-            for view in case.images:
-                inputs.append(prepare(view.pixels, view.max_value, loaded.input_size))
-                owner.append(i)
-        probabilities = torch.sigmoid(loaded(torch.stack(inputs))).double().numpy()
-        owner = np.asarray(owner)
-        return np.array([probabilities[owner == i].mean() for i in range(len(cases))])
+        return case_probabilities(loaded, cases).double().numpy()
+
+    # Training (perceptcore train): binary cross-entropy of the case probabilities.
+    def network(self, options: Options) -> SmallCnnNetwork:
+        return SmallCnnNetwork(options)
+
+    def loss(self, network: SmallCnnNetwork, cases: list, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy(case_probabilities(network, cases).clamp(1e-7, 1 - 1e-7), labels)
+
+    def checkpoint(self, network: SmallCnnNetwork) -> dict:
+        return network.state_dict()
+
+
+def case_probabilities(network: SmallCnnNetwork, cases: list) -> torch.Tensor:
+    """P(positive) per case: the mean of its images' probabilities."""
+    inputs, owner = [], []
+    for i, case in enumerate(cases):
+        for view in case.images:
+            inputs.append(prepare(view.pixels, view.max_value, network.input_size))
+            owner.append(i)
+    probabilities = torch.sigmoid(network(torch.stack(inputs)))
+    owner = torch.tensor(owner)
+    return torch.stack([probabilities[owner == i].mean() for i in range(len(cases))])
 
 
 @hookimpl

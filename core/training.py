@@ -1,0 +1,296 @@
+"""Training model observers: the spec's `training` entries, one model per seed — and with
+`per_severity`, one per seed and severity on images perturbed at that severity, as the
+paper's "DNNs trained with filtered data".
+
+A model plugin is trainable when it provides, besides `Options`, `load` and `predict`:
+
+- gradient training: `network(options)` (a freshly initialised `torch.nn.Module`, of the
+  kind `load` returns), `loss(network, cases, labels)` (the scalar training loss of a batch
+  of `runner.CaseImages`; labels are float32 0/1 per case; the plugin preprocesses and
+  augments, drawing randomness from torch's global generator, which is seeded here) and
+  `checkpoint(network)` (what `torch.save` writes, in the layout `load` reads); or
+- closed-form training: `fit(cases, labels, options, seed)`, returning the checkpoint's
+  contents (tensors and plain numbers) from the whole training set at once.
+
+Every training image is perturbed once per severity (one random draw per image, as a stored
+filtered training set would be) and kept in memory while the models of that severity train.
+Gradient training runs Adam over shuffled mini-batches for `epochs` epochs. After every
+epoch the network, the optimiser and the losses are saved, so an interrupted training
+resumes at the last finished epoch; each epoch's shuffling and the plugin's random draws are
+seeded by (study seed, reader seed, epoch) alone, so a resumed training ends with exactly the
+weights of an uninterrupted one. Finished models are cached under a hash of everything they
+depend on; a model trained on images at severity 0 (unperturbed) is the same model as one
+trained without a perturbation, and is trained once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from . import images as image_io
+from .data import load_cases
+from .errors import PerceptcoreError
+from .plugins import Registry
+from .runner import CaseImages, ViewImage, file_key, perturb_image, plugin_version, severity_value, sha256_of, stable_hash
+from .spec import Spec, TrainingSection, structure
+
+GRADIENT = ("network", "loss", "checkpoint")
+
+
+@attrs.frozen(eq=False)
+class Job:
+    """One model to train: a reader seed, at one severity level (None: unperturbed images)."""
+
+    level: int | None
+    severity: float
+    seed: int
+    key: str
+    path: Path
+
+    @property
+    def reader(self) -> str:
+        return f"seed_{self.seed}"
+
+    @property
+    def log(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    @property
+    def state(self) -> Path:
+        return self.path.with_suffix(".state.pt")
+
+
+class Training:
+    """One `training` entry, validated on construction; `run` trains what the cache lacks."""
+
+    def __init__(self, spec: Spec, registry: Registry, index: int):
+        self.spec = spec
+        self.section: TrainingSection = spec.training[index]
+        self.where = where = f"training[{index}]"
+        section = self.section
+        self.model = registry.get("model", section.model, f"{where}.model")
+        self.gradient = all(hasattr(self.model, name) for name in GRADIENT)
+        if not self.gradient and not hasattr(self.model, "fit"):
+            raise PerceptcoreError(f"model {section.model!r} cannot be trained: it provides neither "
+                                   f"{', '.join(GRADIENT)} nor fit", f"{where}.model")
+        if section.init is not None and not self.gradient:
+            raise PerceptcoreError(f"model {section.model!r} is fitted in closed form; there is nothing to fine-tune",
+                                   f"{where}.init")
+        self.options = structure(self.model.Options, section.options, f"{where}.options")
+        self.manifest = image_io.load_manifest(spec.path(section.images.manifest), f"{where}.images.manifest",
+                                               tuple(section.images.id))
+        cases = load_cases(spec.path(section.cases.file), section.cases.id, section.cases.label,
+                           section.cases.positive, f"{where}.cases.file")
+        positive = dict(zip(cases.ids, cases.positive))
+        self.case_ids = list(self.manifest.cases)
+        missing = [c for c in self.case_ids if c not in positive]
+        if missing:
+            raise PerceptcoreError(f"case {missing[0]!r} of the manifest has no row in the cases table",
+                                   f"{where}.images.manifest")
+        self.labels = np.array([positive[c] for c in self.case_ids], dtype=np.float32)
+        if self.labels.min() == self.labels.max():
+            raise PerceptcoreError(f"every training case is {'' if self.labels[0] else 'not '}"
+                                   f"{cases.positive_label}; a classifier needs both classes", f"{where}.cases.file")
+        init_digest = None
+        if section.init is not None:
+            init = spec.path(section.init)
+            if not init.is_file():
+                raise PerceptcoreError(f"file not found: {init}", f"{where}.init")
+            self.init, init_digest = init, sha256_of(init)
+        self.perturbation = self.perturbation_options = None
+        levels: list = [(None, 0.0)]
+        if section.per_severity:
+            p = spec.perturbation
+            self.perturbation = registry.get("perturbation", p.name, "perturbation.name")
+            self.perturbation_options = structure(self.perturbation.Options, p.options, "perturbation.options")
+            levels = [(i, severity_value(label, f"severities.levels[{i}]"))
+                      for i, label in enumerate(spec.severities.levels)]
+        data_key = [[file_key(r.file), r.view, r.laterality, r.pixel_spacing_mm, r.bits, list(map(list, r.roi_boxes))]
+                    for r in self.manifest] + [self.case_ids, self.labels.tolist()]
+        common = [__version__, self.model.name, plugin_version(registry, "model", self.model.name),
+                  attrs.asdict(self.options, recurse=True), data_key, section.epochs, section.batch_size,
+                  section.learning_rate, section.weight_decay, init_digest, spec.study.seed]
+        perturbation = None
+        if self.perturbation is not None:
+            perturbation = [self.perturbation.name, plugin_version(registry, "perturbation", self.perturbation.name),
+                            attrs.asdict(self.perturbation_options, recurse=True)]
+        folder = Path(spec.base) / spec.runner.cache / "training"
+        self.jobs = []
+        for level, severity in levels:
+            for seed in range(section.seeds):
+                # Severity 0 is unperturbed by contract, so it shares the unperturbed model.
+                key = stable_hash(common + [perturbation if severity != 0 else None, severity, seed])
+                self.jobs.append(Job(level, severity, seed, key, folder / f"{key}.pt"))
+
+    @property
+    def name(self) -> str:
+        return self.section.name
+
+    def run(self, progress: Callable[[str], None]) -> None:
+        """Train every model the cache lacks."""
+        todo = [job for job in self.jobs if not job.path.exists()]
+        progress(f"training {self.name}: {len(self.jobs)} models ({self.model.name}), "
+                 f"{len(self.jobs) - len(todo)} already trained")
+        import torch
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        for n, job in enumerate(todo, start=1):
+            label = f"{self.name} {n}/{len(todo)} ({self._severity_text(job)}, {job.reader})"
+            cases = self._images(job)  # held only while one job trains: a level's images are cheap to redo
+            started = time.monotonic()
+            if self.gradient:
+                contents, losses = self._train(job, cases, label, progress)
+            else:
+                progress(f"training {label}: fitting in closed form")
+                contents = self.model.fit(cases, self.labels.astype(int), self.options,
+                                          _derived_seed(self.spec.study.seed, job.seed, "fit"))
+                losses = []
+            job.path.parent.mkdir(parents=True, exist_ok=True)
+            job.log.write_text(json.dumps({"training": self.name, "model": self.model.name, "severity":
+                                           self._severity_label(job), "reader": job.reader, "losses": losses,
+                                           "seconds": round(time.monotonic() - started, 1)}))
+            _save_atomically(contents, job.path)  # last: its existence means the model is finished
+            job.state.unlink(missing_ok=True)
+
+    def checkpoints(self) -> list[tuple[str, Path, str, int | None]]:
+        """(reader, checkpoint path, cache key, severity level or None) of every model."""
+        return [(job.reader, job.path, job.key, job.level) for job in self.jobs]
+
+    def log(self) -> pd.DataFrame:
+        """Each trained model's loss per epoch (from the cache)."""
+        rows = []
+        for job in self.jobs:
+            record = json.loads(job.log.read_text())
+            losses = record["losses"] or [float("nan")]
+            # Not the record's severity: a severity-0 model is shared with an unperturbed training.
+            rows += [(self.name, self.model.name, self._severity_label(job), job.reader, epoch, loss)
+                     for epoch, loss in enumerate(losses, start=1)]
+        return pd.DataFrame(rows, columns=["training", "model", "severity", "reader", "epoch", "loss"])
+
+    # ------------------------------------------------------------------ internals
+
+    def _severity_label(self, job: Job) -> str:
+        return "unperturbed" if job.level is None else self.spec.severities.levels[job.level]
+
+    def _severity_text(self, job: Job) -> str:
+        if job.level is None:
+            return "unperturbed images"
+        return f"severity {self.spec.severities.levels[job.level]} {self.spec.severities.unit}"
+
+    def _images(self, job: Job) -> list:
+        import torch
+
+        cases = []
+        for case in self.case_ids:
+            views = []
+            for record in self.manifest.for_case(case):
+                image = image_io.read_image(record, f"{self.where}.images.manifest")
+                pixels = torch.from_numpy(image.pixels.astype(np.float32))
+                if job.severity != 0:
+                    pixels = perturb_image(self.perturbation, self.perturbation_options, record, pixels, image,
+                                           job.severity, "training", self.spec.study.seed)
+                views.append(ViewImage(record.view, record.laterality, pixels, image.pixel_spacing_mm,
+                                       float(image.max_value), tuple(record.roi_boxes)))
+            cases.append(CaseImages(case, tuple(views)))
+        return cases
+
+    def _train(self, job: Job, cases: list, label: str, progress) -> list:
+        import torch
+
+        section = self.section
+        torch.manual_seed(_derived_seed(self.spec.study.seed, job.seed, "init"))
+        if section.init is not None:
+            network = self.model.load(self.init, self.options, "cpu")
+        else:
+            network = self.model.network(self.options)
+        optimiser = torch.optim.Adam(network.parameters(), lr=section.learning_rate,
+                                     weight_decay=section.weight_decay)
+        losses: list = []
+        if job.state.exists():
+            state = torch.load(job.state, map_location="cpu", weights_only=True)
+            network.load_state_dict(state["network"])
+            optimiser.load_state_dict(state["optimiser"])
+            losses = list(state["losses"])
+            progress(f"training {label}: resuming after epoch {len(losses)}")
+        labels = torch.from_numpy(self.labels)
+        started, last = time.monotonic(), 0.0
+        first = len(losses)
+        for epoch in range(first, section.epochs):
+            seed = _derived_seed(self.spec.study.seed, job.seed, f"epoch {epoch}")
+            torch.manual_seed(seed)
+            order = np.random.default_rng(seed).permutation(len(cases))
+            network.train()
+            total = 0.0
+            for start in range(0, len(order), section.batch_size):
+                batch = order[start:start + section.batch_size]
+                loss = self.model.loss(network, [cases[i] for i in batch], labels[batch])
+                if not torch.isfinite(loss):
+                    raise PerceptcoreError(f"the training loss became {float(loss)} in epoch {epoch + 1} of "
+                                           f"{label}; lower learning_rate", f"{self.where}.learning_rate")
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(batch)
+            losses.append(total / len(order))
+            _save_atomically({"network": network.state_dict(), "optimiser": optimiser.state_dict(),
+                              "losses": losses}, job.state)
+            now = time.monotonic()
+            if now - last > 2 or epoch + 1 == section.epochs:
+                last = now
+                done = epoch + 1
+                left = (now - started) / (done - first) * (section.epochs - done)
+                filled = round(20 * done / section.epochs)
+                progress(f"training {label} [{'#' * filled}{'.' * (20 - filled)}] epoch {done}/{section.epochs}, "
+                         f"loss {losses[-1]:.4f}, about {left:.0f} s left")
+        network.eval()
+        return self.model.checkpoint(network), losses
+
+
+class TrainingLog:
+    """The run-output part for trainings: `training.csv`, each model's loss per epoch."""
+
+    def __init__(self, trainings: list):
+        self.trainings = trainings
+
+    def compute(self) -> None:
+        pass  # trained before the predictions were computed
+
+    def write_into(self, staging: Path) -> list[str]:
+        from .data import write_csv
+
+        write_csv(pd.concat([t.log() for t in self.trainings], ignore_index=True), staging / "training.csv")
+        return ["training.csv"]
+
+    def manifest(self) -> dict:
+        return {"trained_models": {t.name: len(t.jobs) for t in self.trainings}}
+
+
+def trainings_of(spec: Spec, registry: Registry) -> dict:
+    """Every training entry of the spec, validated, by name."""
+    return {t.name: Training(spec, registry, i) for i, t in enumerate(spec.training)}
+
+
+def _derived_seed(study_seed: int, reader_seed: int, purpose: str) -> int:
+    # Not the training's name nor the severity: every severity's model of a reader starts from the
+    # same initial weights and sees the same batches, so only the perturbation differs between them.
+    text = f"{study_seed}|{reader_seed}|{purpose}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _save_atomically(contents, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(contents, partial)
+    partial.replace(path)
