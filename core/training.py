@@ -144,9 +144,11 @@ class Training:
         import torch
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+        level, cases = object(), []
         for n, job in enumerate(todo, start=1):
             label = f"{self.name} {n}/{len(todo)} ({self._severity_text(job)}, {job.reader})"
-            cases = self._images(job)  # held only while one job trains: a level's images are cheap to redo
+            if job.level != level:  # jobs come level by level: each level's images are perturbed once
+                level, cases = job.level, self._images(job)
             started = time.monotonic()
             if self.gradient:
                 contents, losses = self._train(job, cases, label, progress)
