@@ -467,8 +467,9 @@ def _check(spec: Spec) -> None:
             fail(f"no training named {observer.trained!r}; trainings are {listing}", f"observers[{i}].trained")
         if observer.model is not None and not observer.checkpoints:
             fail("a model observer needs at least one checkpoint (each is one reader)", f"observers[{i}].checkpoints")
-        if observer.predictions is not None and (observer.checkpoints or observer.options):
-            fail("checkpoints and options belong to a model observer", f"observers[{i}]")
+        if observer.model is None and (observer.checkpoints or observer.options):
+            fail("checkpoints and options belong to a model observer (a trained one takes its training's)",
+                 f"observers[{i}]")
         if observer.predictions is None:
             for section in ("images", "perturbation") if spec.perception else ("images",):
                 if getattr(spec, section) is None:

@@ -168,6 +168,8 @@ def test_simulated_readers_read_through_a_sparse_design(tmp_path):
      "observers[1].trained: no training named 'cnn_unfiltred'; trainings are cnn_unfiltered, cnn_filtered"),
     (lambda s: s["observers"][1].update(model="small_cnn"),
      "observers[1]: give one of predictions (a file), model"),
+    (lambda s: s["observers"][1].update(checkpoints=["cnn_seed0.pt"]),
+     "observers[1]: checkpoints and options belong to a model observer (a trained one takes its training's)"),
     (lambda s: s["training"][0].update(epochs=0), "training[0].epochs: must be at least 1"),
     (lambda s: s["training"][1].update(name="cnn_unfiltered"),
      "training[1].name: training name 'cnn_unfiltered' is used twice"),
