@@ -39,7 +39,7 @@ from .data import write_csv
 from .errors import PerceptcoreError
 from .perturbation import ImageBatch, restrict
 from .plugins import Registry
-from .spec import Spec, structure
+from .spec import Spec, structure, structure_options
 
 
 @attrs.frozen(eq=False)
@@ -152,7 +152,7 @@ class ImageWork:
                 self.models.append((observer, training.model, training.options, checkpoints))
                 continue
             model = registry.get("model", observer.model, f"observers[{i}].model")
-            options = structure(model.Options, observer.options, f"observers[{i}].options")
+            options = structure_options(model.Options, observer.options, f"observers[{i}].options", spec)
             checkpoints = []
             for j, checkpoint in enumerate(observer.checkpoints):
                 path = spec.path(checkpoint)
@@ -201,7 +201,7 @@ class ImageWork:
         for chunk in chunks:
             # Versions are in the key: an upgraded model or perturbation must not reuse old results.
             key = stable_hash([__version__, plugin_version(self.registry, "model", model.name), model.name,
-                               attrs.asdict(options, recurse=True), checkpoint.digest, described, regions,
+                               options_key(options), checkpoint.digest, described, regions,
                                self.spec.study.seed, chunk, [self.image_keys[c] for c in chunk]])
             units.append(_Unit(
                 key=key, path=self.cache / observer.name / folder / f"{key}.npz", model=model, options=options,
@@ -394,6 +394,13 @@ def perturb_image(perturbation, options, record, pixels, image, severity: float,
     generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
     batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
     return perturbation.perturb(batch, severity, options, generator)[0]
+
+
+def options_key(options) -> list:
+    """A plugin's options as a cache key: their values, and the contents of the files they name."""
+    files = [sha256_of(Path(getattr(options, f.name))) for f in attrs.fields(type(options))
+             if f.metadata.get("file") and getattr(options, f.name) is not None]
+    return [attrs.asdict(options, recurse=True), files]
 
 
 def plugin_version(registry: Registry, kind: str, name: str) -> str:

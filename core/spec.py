@@ -391,6 +391,21 @@ def structure(cls, raw, where: str):
         raise PerceptcoreError(str(exc), where or None) from None
 
 
+def structure_options(cls, raw, where: str, spec: "Spec"):
+    """A plugin's Options from the spec: `structure`, then every field declared with
+    metadata {"file": True} resolved like the spec's own paths (against data_dir) and checked."""
+    options = structure(cls, raw, where)
+    files = {}
+    for field in attrs.fields(cls):
+        value = getattr(options, field.name)
+        if field.metadata.get("file") and value is not None:
+            path = spec.path(str(value))
+            if not path.is_file():
+                raise PerceptcoreError(f"file not found: {path}", f"{where}.{field.name}")
+            files[field.name] = str(path)
+    return attrs.evolve(options, **files) if files else options
+
+
 def _keys(cls):
     return [f.name for f in attrs.fields(cls) if not f.metadata.get("internal")]
 

@@ -41,8 +41,9 @@ from . import images as image_io
 from .data import load_cases
 from .errors import PerceptcoreError
 from .plugins import Registry
-from .runner import CaseImages, ViewImage, file_key, perturb_image, plugin_version, severity_value, sha256_of, stable_hash
-from .spec import Spec, TrainingSection, structure
+from .runner import (CaseImages, ViewImage, file_key, options_key, perturb_image, plugin_version, severity_value,
+                     sha256_of, stable_hash)
+from .spec import Spec, TrainingSection, structure, structure_options
 
 GRADIENT = ("network", "loss", "checkpoint")
 
@@ -86,7 +87,7 @@ class Training:
         if section.init is not None and not self.gradient:
             raise PerceptcoreError(f"model {section.model!r} is fitted in closed form; there is nothing to fine-tune",
                                    f"{where}.init")
-        self.options = structure(self.model.Options, section.options, f"{where}.options")
+        self.options = structure_options(self.model.Options, section.options, f"{where}.options", spec)
         self.manifest = image_io.load_manifest(spec.path(section.images.manifest), f"{where}.images.manifest",
                                                tuple(section.images.id))
         cases = load_cases(spec.path(section.cases.file), section.cases.id, section.cases.label,
@@ -118,7 +119,7 @@ class Training:
         data_key = [[file_key(r.file), r.view, r.laterality, r.pixel_spacing_mm, r.bits, list(map(list, r.roi_boxes))]
                     for r in self.manifest] + [self.case_ids, self.labels.tolist()]
         common = [__version__, self.model.name, plugin_version(registry, "model", self.model.name),
-                  attrs.asdict(self.options, recurse=True), data_key, section.epochs, section.batch_size,
+                  options_key(self.options), data_key, section.epochs, section.batch_size,
                   section.learning_rate, section.weight_decay, init_digest, spec.study.seed]
         perturbation = None
         if self.perturbation is not None:

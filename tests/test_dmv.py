@@ -10,7 +10,7 @@ import torch
 from perceptcore.errors import PerceptcoreError
 from perceptcore.runner import CaseImages, ViewImage
 from perceptcore.spec import structure
-from perceptcore_plugins.models import dmv
+from perceptcore_plugins.models import _mammography, _patch_classifier, dmv
 
 PLUGIN = dmv.Dmv()
 SMALL = dict(cc_size=(64, 48), mlo_size=(72, 44), augmentations=2, max_crop_noise=(4, 4), max_crop_size_noise=4,
@@ -273,11 +273,98 @@ def test_a_case_takes_its_breasts_row_and_the_larger_of_two_breasts():
         assert np.allclose(PLUGIN.predict(benign, [left, right]), [rows[0], rows[1]], atol=1e-6)
 
 
-def test_three_channel_prediction_explains_that_heatmaps_are_missing():
+def test_three_channels_without_a_patch_checkpoint_explain_what_is_missing():
     network = dmv.DmvNetwork(dmv.Options(**SMALL, channels=3)).eval()
-    with pytest.raises(PerceptcoreError, match="heatmaps, which perceptcore does not compute yet") as error:
+    with pytest.raises(PerceptcoreError, match="without a patch_checkpoint .* needs the benign and malignant "
+                                               "heatmaps of the patch classifier") as error:
         PLUGIN.predict(network, [case("a", "left", 0, 0)])
-    assert error.value.where == "observers.options.channels"
+    assert error.value.where == "observers.options.patch_checkpoint"
+    with pytest.raises(PerceptcoreError, match="cannot train with channels: 3 without a patch_checkpoint"):
+        PLUGIN.loss(network.train(), [case("a", "left", 0, 0)], torch.ones(1))
+
+
+@pytest.fixture(scope="module")
+def patch_checkpoint(tmp_path_factory):
+    """A randomly initialised patch classifier, saved as the published bare state dict."""
+    torch.manual_seed(11)
+    network = _patch_classifier.PatchDenseNet()
+    with torch.no_grad():
+        network.classifier.weight.mul_(50)  # spread the softmax so the heatmaps differ across the image
+    path = tmp_path_factory.mktemp("patch") / "patch.p"
+    torch.save(network.state_dict(), path)
+    return str(path)
+
+
+def test_a_bad_patch_checkpoint_fails_at_its_option(tmp_path):
+    options = dmv.Options(**SMALL, channels=3, patch_checkpoint=str(tmp_path / "absent.p"))
+    with pytest.raises(PerceptcoreError, match="cannot read the patch classifier") as error:
+        PLUGIN.network(options)
+    assert error.value.where == "observers.options.patch_checkpoint"
+    with pytest.raises(PerceptcoreError) as error:
+        PLUGIN.load(save(tmp_path, published_state(channels=3)), options, "cpu")
+    assert error.value.where == "observers.options.patch_checkpoint"
+    with pytest.raises(ValueError, match="only used by the image-and-heatmaps model"):
+        dmv.Options(patch_checkpoint="patch.p")
+
+
+def test_heatmap_channels_are_cut_with_the_image_window_and_not_standardised(patch_checkpoint):
+    options = dmv.Options(**SMALL, channels=3, patch_checkpoint=patch_checkpoint)
+    located = dmv.locate_slots(dmv.arrange(case("h", "right", 1, 5)), options)["R-MLO"]
+    maps = torch.rand(2, *located.cropped.shape, generator=torch.Generator().manual_seed(0)) + 5.0
+    for seed in (None, 1, 2, 3):
+        generator = None if seed is None else np.random.default_rng(seed)
+        window = dmv.cut_with_heatmaps(located, maps, generator, options.max_crop_noise, options.max_crop_size_noise)
+        generator = None if seed is None else np.random.default_rng(seed)
+        image = _mammography.cut(located, generator, options.max_crop_noise, options.max_crop_size_noise)
+        assert window.shape == (3, 72, 44)
+        assert torch.equal(window[0], image.image)
+        # independently: the heatmaps zero-padded far around, the window sliced, resized when noisy
+        top, bottom, left, right = image.window
+        margin = 100
+        padded = torch.nn.functional.pad(maps, (margin, margin, margin, margin))
+        region = padded[:, top + margin:bottom + margin, left + margin:right + margin]
+        if region.shape[1:] != (72, 44):
+            region = torch.nn.functional.interpolate(region[None], size=(72, 44), mode="bicubic",
+                                                     align_corners=False)[0]
+        assert torch.allclose(window[1:], region, atol=1e-5)
+        assert float(window[1:].max()) > 4.0  # not standardised
+
+
+def test_three_channel_prediction_feeds_benign_then_malignant_heatmaps(patch_checkpoint, monkeypatch):
+    options = dmv.Options(**{**SMALL, "augmentations": 1}, channels=3, patch_checkpoint=patch_checkpoint)
+    torch.manual_seed(5)
+    network = PLUGIN.network(options).eval()
+    one = case("p", "left", 1, 3)
+    located = dmv.locate_slots(dmv.arrange(one), options)
+    computed = {slot: _patch_classifier.heatmaps(network.heatmapper.network, item.cropped, options.seed)
+                for slot, item in located.items()}
+    maps = {slot: torch.stack([m[1], m[0]]) for slot, m in computed.items()}  # [benign, malignant]
+    assert all(not torch.allclose(m[0], m[1], atol=1e-3) for m in computed.values())  # swapping them matters
+    with torch.no_grad():
+        inputs = {slot: x[None] for slot, x in
+                  dmv.windows(located, options, dmv.case_generator(options.seed, "p"), maps).items()}
+        output = network(inputs)
+        expected = float((output["CC"][0, 2, 1].exp() + output["MLO"][0, 2, 1].exp()) / 2)
+        value = PLUGIN.predict(network, [one])[0]
+    assert value == pytest.approx(expected, abs=1e-7)
+    swapped = {slot: m.flip(0) for slot, m in maps.items()}
+    with torch.no_grad():
+        inputs = {slot: x[None] for slot, x in
+                  dmv.windows(located, options, dmv.case_generator(options.seed, "p"), swapped).items()}
+        output = network(inputs)
+    assert float((output["CC"][0, 2, 1].exp() + output["MLO"][0, 2, 1].exp()) / 2) != pytest.approx(value, abs=1e-7)
+
+
+def test_three_channel_training_leaves_the_patch_classifier_frozen(patch_checkpoint):
+    options = dmv.Options(**SMALL, channels=3, patch_checkpoint=patch_checkpoint)
+    torch.manual_seed(0)
+    network = PLUGIN.network(options).train()
+    loss = PLUGIN.loss(network, [case("a", "left", 1, 1), case("b", "right", 0, 2)], torch.tensor([1.0, 0.0]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert network.four_view_resnet.cc.first_conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in network.heatmapper.network.parameters())
+    assert not any(k.startswith("heatmapper") for k in PLUGIN.checkpoint(network)["model"])
 
 
 # --------------------------------------------------------------------------- test-time augmentation
@@ -335,6 +422,10 @@ def test_options_from_a_spec():
         structure(dmv.Options, {"mlo_size": [128]}, "observers[0].options")
     with pytest.raises(PerceptcoreError, match="'channels' must be in"):
         structure(dmv.Options, {"channels": 2}, "observers[0].options")
+    heatmaps = structure(dmv.Options, {"channels": 3, "patch_checkpoint": "models/patch.p"}, "observers[0].options")
+    assert heatmaps.patch_checkpoint == "models/patch.p"
+    with pytest.raises(PerceptcoreError, match="only used by the image-and-heatmaps model"):
+        structure(dmv.Options, {"patch_checkpoint": "models/patch.p"}, "observers[0].options")
 
 
 def test_a_small_dmv_learns_bright_blobs():

@@ -260,3 +260,26 @@ def test_a_dataset_is_generated_once_into_the_cache_and_becomes_the_data_dir(tmp
         load_spec(spec_path, ["data_dir=elsewhere"])
     with pytest.raises(PerceptcoreError, match=r"dataset.options.m: unknown key 'm'; expected one of n"):
         with_generated_data(load_spec(spec_path, ["dataset.options.m=1"]), registry, lambda m: None)
+
+
+def test_plugin_options_naming_files_resolve_against_the_data_dir(tmp_path, capsys):
+    """Options declared as files (here dmv's patch_checkpoint) are found like the spec's own paths,
+    checked before anything runs, and their contents key the prediction cache."""
+    from perceptcore.runner import options_key
+    from perceptcore.spec import structure_options
+    from perceptcore_plugins.models.dmv import Options as DmvOptions
+
+    spec_path = write_imaging_study(tmp_path)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["observers"][1].update(model="dmv", options={"channels": 3, "patch_checkpoint": "patches.pt"})
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["validate", str(spec_path)]) == 1
+    assert f"observers[1].options.patch_checkpoint: file not found: {tmp_path / 'patches.pt'}" in capsys.readouterr().err
+
+    (tmp_path / "patches.pt").write_bytes(b"one")
+    options = structure_options(DmvOptions, {"channels": 3, "patch_checkpoint": "patches.pt"}, "options",
+                                load_spec(spec_path))
+    assert options.patch_checkpoint == str(tmp_path / "patches.pt")
+    before = options_key(options)
+    (tmp_path / "patches.pt").write_bytes(b"two")
+    assert options_key(options) != before

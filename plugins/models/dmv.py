@@ -32,9 +32,15 @@ them. Every other key must match exactly in name and shape (missing or extra
 `num_batches_tracked` are tolerated). `checkpoint` writes all six copies, so published loaders
 and `load` both read it.
 
-Heatmaps: the image-and-heatmaps variant needs the patch classifier's benign and malignant
-heatmaps (§2.8), which perceptcore does not compute yet; with `channels: 3` a checkpoint loads
-but predicting or training raises an error saying so.
+Heatmaps: the image-and-heatmaps variant (`channels: 3`) takes [standardised image, benign
+heatmap, malignant heatmap] per view. The heatmaps come from the published patch classifier
+(`_patch_classifier`, §2.8; its bare state dict is `patch_checkpoint`, e.g. the published
+`sample_patch_model.p`), computed once per image on the flipped, cropped image, then cut with
+exactly the image's window (same padding, noise and bicubic resize) and not standardised.
+`network` and `load` load the patch classifier along with the model; it is frozen (never part
+of the DMV state dict or its checkpoint), so training computes the heatmaps under no_grad.
+Without `patch_checkpoint`, `channels: 3` networks build and load but predicting or training
+raises an error saying the patch classifier is needed.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import Optional  # the spec reader understands typing.Union, not PEP 604 unions
 
 import attrs
 import numpy as np
@@ -52,7 +59,7 @@ from torch.nn import functional as F
 from perceptcore.errors import PerceptcoreError
 from perceptcore.plugins import hookimpl
 
-from . import _mammography
+from . import _mammography, _patch_classifier
 from ._resnet import ResNet22
 
 SLOTS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
@@ -84,6 +91,11 @@ def _non_negative(instance, attribute, value):
         raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
 
 
+def _heatmaps_only(instance, attribute, value):
+    if value is not None and instance.channels != 3:
+        raise ValueError("patch_checkpoint is only used by the image-and-heatmaps model (channels: 3)")
+
+
 @attrs.frozen
 class Options:
     channels: int = attrs.field(default=1, validator=attrs.validators.in_((1, 3)))
@@ -97,6 +109,22 @@ class Options:
     crop_iterations: int = attrs.field(default=100, validator=_non_negative)
     crop_buffer: int = attrs.field(default=50, validator=_non_negative)
     seed: int = attrs.field(default=0, validator=_non_negative)
+    # A file: perceptcore resolves it against the spec's data_dir and keys its cache by its contents.
+    patch_checkpoint: Optional[str] = attrs.field(default=None, converter=attrs.converters.optional(str),
+                                                  validator=_heatmaps_only, metadata={"file": True})
+
+
+class Heatmapper:
+    """The frozen patch classifier, kept off the DMV module tree (a plain object, not an
+    nn.Module attribute) so that it never enters DMV's state dict, parameters or checkpoint."""
+
+    def __init__(self, network: nn.Module, seed: int):
+        self.network, self.seed = network, seed
+
+    def __call__(self, cropped: torch.Tensor) -> torch.Tensor:
+        """(2, h, w) [benign, malignant] heatmaps, the order of DMV's channels 1 and 2."""
+        malignant, benign = _patch_classifier.heatmaps(self.network, cropped, self.seed)
+        return torch.stack([benign, malignant])
 
 
 class FourViewResNet(nn.Module):
@@ -123,6 +151,7 @@ class DmvNetwork(nn.Module):
     def __init__(self, options: Options):
         super().__init__()
         self.options = options
+        self.heatmapper: Heatmapper | None = None  # set by the plugin for channels: 3
         self.four_view_resnet = FourViewResNet(options.channels)
         self.fc1_cc = nn.Linear(512, 512)
         self.fc1_mlo = nn.Linear(512, 512)
@@ -185,26 +214,55 @@ def locate_slots(slots: dict, options: Options) -> dict:
             for slot, image in slots.items()}
 
 
-def windows(located: dict, options: Options, generator: np.random.Generator | None) -> dict:
-    """{slot: (1, H, W)} windows of the four slots, blank where the case has no image;
-    views are cut in SLOTS order so the generator's draws follow a fixed order."""
+def cut_with_heatmaps(located: _mammography.Located, maps: torch.Tensor, generator: np.random.Generator | None,
+                      max_crop_noise: tuple, max_crop_size_noise: int) -> torch.Tensor:
+    """(3, H, W): the standardised image window (as `_mammography.cut`, drawing the same numbers
+    from `generator`) and the (2, h, w) heatmaps `maps` cut with the same window, zero padding
+    and resize, not standardised."""
+    if generator is None:
+        max_crop_noise, max_crop_size_noise = (0, 0), 0
+    shape, size = tuple(located.cropped.shape), located.size
+    placement = _mammography.place_window(shape, located.center, located.view, size, max_crop_noise,
+                                          max_crop_size_noise)
+    window = placement.window
+    if generator is not None:
+        padded_shape = placement.padded_shape(shape)
+        if max_crop_noise[0] > 0 or max_crop_noise[1] > 0:
+            window = _mammography.add_position_noise(window, padded_shape, max_crop_noise, generator)
+        if max_crop_size_noise > 0:
+            window = _mammography.add_size_noise(window, padded_shape, size, max_crop_size_noise, generator)
+    image = _mammography.standardise(_mammography.extract(located.cropped, placement, window, size))
+    return torch.stack([image] + [_mammography.extract(m, placement, window, size) for m in maps])
+
+
+def windows(located: dict, options: Options, generator: np.random.Generator | None, maps: dict | None = None) -> dict:
+    """{slot: (C, H, W)} windows of the four slots, blank where the case has no image;
+    views are cut in SLOTS order so the generator's draws follow a fixed order. With `maps`
+    ({slot: (2, h, w)} benign and malignant heatmaps of the cropped images) C = 3."""
     result = {}
     for slot in SLOTS:
-        if slot in located:
-            image = _mammography.cut(located[slot], generator, options.max_crop_noise,
-                                     options.max_crop_size_noise).image
+        if slot not in located:
+            result[slot] = torch.zeros((options.channels, *_size(options, slot)), dtype=torch.float32)
+        elif maps is not None:
+            result[slot] = cut_with_heatmaps(located[slot], maps[slot], generator, options.max_crop_noise,
+                                             options.max_crop_size_noise)
         else:
-            image = torch.zeros(_size(options, slot), dtype=torch.float32)
-        result[slot] = image[None]
+            result[slot] = _mammography.cut(located[slot], generator, options.max_crop_noise,
+                                            options.max_crop_size_noise).image[None]
     return result
 
 
-def _require_image_only(options: Options, what: str) -> None:
-    if options.channels != 1:
+def slot_heatmaps(network: DmvNetwork, located: dict, what: str) -> dict | None:
+    """{slot: (2, h, w)} heatmaps of each located image for channels: 3 (None for channels: 1)."""
+    if network.options.channels == 1:
+        return None
+    if network.heatmapper is None:
         raise PerceptcoreError(
-            f"cannot {what} with channels: 3 — the image-and-heatmaps model needs the patch classifier's "
-            "benign and malignant heatmaps, which perceptcore does not compute yet; use channels: 1",
-            "observers.options.channels")
+            f"cannot {what} with channels: 3 without a patch_checkpoint — the image-and-heatmaps model needs the "
+            "benign and malignant heatmaps of the patch classifier (DenseNet-121, architectures.md §2.8); set "
+            "patch_checkpoint to its state dict (e.g. the published sample_patch_model.p) or use channels: 1",
+            "observers.options.patch_checkpoint")
+    return {slot: network.heatmapper(item.cropped) for slot, item in located.items()}
 
 
 def _rows(slots: dict, output: str) -> list:
@@ -262,7 +320,16 @@ class Dmv:
     Options = Options
 
     def network(self, options: Options) -> DmvNetwork:
-        return DmvNetwork(options)
+        return self._with_heatmapper(DmvNetwork(options), "cpu")
+
+    @staticmethod
+    def _with_heatmapper(network: DmvNetwork, device: str) -> DmvNetwork:
+        options = network.options
+        if options.channels == 3 and options.patch_checkpoint is not None:
+            patch_network = _patch_classifier.load_patch_classifier(
+                Path(options.patch_checkpoint), "observers.options.patch_checkpoint", device)
+            network.heatmapper = Heatmapper(patch_network, options.seed)
+        return network
 
     def load(self, checkpoint: Path, options: Options, device: str) -> DmvNetwork:
         where = f"observers.checkpoints ({checkpoint})"
@@ -276,40 +343,42 @@ class Dmv:
                                    "checkpoints", where)
         network = DmvNetwork(options)
         network.load_state_dict(_check_state(raw["model"], network, where))
-        return network.to(device).eval()
+        return self._with_heatmapper(network.to(device).eval(), device)
 
     def checkpoint(self, network: DmvNetwork) -> dict:
         return {"model": {key: value.detach().cpu().clone() for key, value in network.state_dict().items()}}
 
     def predict(self, loaded: DmvNetwork, cases: list) -> np.ndarray:
         options = loaded.options
-        _require_image_only(options, "predict")
         loaded.eval()
         device = next(loaded.parameters()).device
         values = []
         for case in cases:
             slots = arrange(case)
             located = locate_slots(slots, options)
+            maps = slot_heatmaps(loaded, located, "predict")
             generator = case_generator(options.seed, case.case) if options.augmentations else None
             total = torch.zeros(4, dtype=torch.float64)
             for _ in range(max(options.augmentations, 1)):
-                inputs = {slot: x[None].to(device) for slot, x in windows(located, options, generator).items()}
+                inputs = {slot: x[None].to(device) for slot, x in windows(located, options, generator, maps).items()}
                 total += breast_probabilities(loaded(inputs))[0].double().cpu()
             values.append(float(_case_value(total / max(options.augmentations, 1), slots, options.output)))
         return np.clip(np.asarray(values, dtype=float), 0.0, 1.0)
 
     def loss(self, network: DmvNetwork, cases: list, labels: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of each case's P(positive), one random training window per view
-        (position and size noise) drawn from torch's global RNG, plus the input noise of train mode."""
+        (position and size noise) drawn from torch's global RNG, plus the input noise of train mode.
+        With channels: 3 the frozen patch classifier's heatmaps are computed under no_grad."""
         options = network.options
-        _require_image_only(options, "train")
         device = next(network.parameters()).device
         generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         arranged, batch = [], {slot: [] for slot in SLOTS}
         for case in cases:
             slots = arrange(case)
             arranged.append(slots)
-            for slot, x in windows(locate_slots(slots, options), options, generator).items():
+            located = locate_slots(slots, options)
+            maps = slot_heatmaps(network, located, "train")
+            for slot, x in windows(located, options, generator, maps).items():
                 batch[slot].append(x)
         output = network({slot: torch.stack(xs).to(device) for slot, xs in batch.items()})
         # P(positive) and P(negative) of a row from log-probabilities, for a stable cross-entropy:
