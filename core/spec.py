@@ -7,6 +7,7 @@ every output row.
 
 from __future__ import annotations
 
+import types
 import typing
 from pathlib import Path
 
@@ -412,7 +413,7 @@ def _keys(cls):
 
 def _convert(hint, value, where, field_id):
     origin = typing.get_origin(hint)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if attrs.has(hint):
         return structure(hint, value, where)

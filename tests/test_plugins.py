@@ -12,9 +12,9 @@ import types
 from importlib import metadata
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pandas as pd
-import attrs
 import pytest
 
 import perceptcore.plugins
@@ -366,3 +366,17 @@ def test_importing_the_core_loads_no_plugin():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@attrs.frozen
+class _NewStyleOptions:
+    path: str | None = None  # PEP 604 unions, as plugins written for Python >= 3.10 spell Optional
+    count: int | None = None
+
+
+def test_plugin_options_may_spell_optional_fields_as_pep_604_unions():
+    from perceptcore.spec import structure
+
+    assert structure(_NewStyleOptions, {"path": "a.pt", "count": 3}, "options") == _NewStyleOptions("a.pt", 3)
+    with pytest.raises(PerceptcoreError, match=r"options.count: expected a whole number, got 'many'"):
+        structure(_NewStyleOptions, {"count": "many"}, "options")
