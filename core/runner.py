@@ -284,7 +284,8 @@ class Runner:
         cases = {(reader, level): [] for reader in readers for level in range(len(labels))}
         for reader, case, label in zip(table["reader"], table["exam"], table["severity"]):
             cases[(reader, labels.index(label))].append(case)
-        return {key: sorted(value, key=list(self.work.by_case).index) for key, value in cases.items()}
+        order = {case: i for i, case in enumerate(self.work.by_case)}
+        return {key: sorted(value, key=order.__getitem__) for key, value in cases.items()}
 
     @property
     def n_predictions(self) -> int:
@@ -384,14 +385,20 @@ def severity_value(label: str, where: str) -> float:
         raise PerceptcoreError(f"severity {label!r} must be a number to perturb images with it", where) from None
 
 
+def seed_of(*parts) -> int:
+    """A 63-bit seed determined by its parts alone (joined with "|" and hashed)."""
+    text = "|".join(map(str, parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
 def perturb_image(perturbation, options, record, pixels, image, severity: float, seed_key, seed: int):
     """One manifest image (pixels: (H, W) tensor) perturbed at a severity, with a generator seeded
     by (study seed, image, seed_key) alone: the same result in any order, worker or batch, and
     the same image a reader is shown (reader_study.write_images, seed_key = severity index)."""
     import torch
 
-    text = f"{seed}|{record.case}|{record.view}|{record.laterality}|{record.file.name}|{seed_key}"
-    generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
+    generator = torch.Generator().manual_seed(
+        seed_of(seed, record.case, record.view, record.laterality, record.file.name, seed_key))
     batch = ImageBatch(pixels[None], torch.tensor([image.pixel_spacing_mm]), float(image.max_value))
     return perturbation.perturb(batch, severity, options, generator)[0]
 

@@ -25,7 +25,6 @@ trained without a perturbation, and is trained once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -41,8 +40,8 @@ from . import images as image_io
 from .data import load_cases
 from .errors import PerceptcoreError
 from .plugins import Registry
-from .runner import (CaseImages, ViewImage, file_key, options_key, perturb_image, plugin_version, severity_value,
-                     sha256_of, stable_hash)
+from .runner import (CaseImages, ViewImage, file_key, options_key, perturb_image, plugin_version, seed_of,
+                     severity_value, sha256_of, stable_hash)
 from .spec import Spec, TrainingSection, structure, structure_options
 
 GRADIENT = ("network", "loss", "checkpoint")
@@ -286,8 +285,7 @@ def trainings_of(spec: Spec, registry: Registry) -> dict:
 def _derived_seed(study_seed: int, reader_seed: int, purpose: str) -> int:
     # Not the training's name nor the severity: every severity's model of a reader starts from the
     # same initial weights and sees the same batches, so only the perturbation differs between them.
-    text = f"{study_seed}|{reader_seed}|{purpose}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+    return seed_of(study_seed, reader_seed, purpose)
 
 
 def _save_atomically(contents, path: Path) -> None:
