@@ -7,6 +7,7 @@ every output row.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from pathlib import Path
@@ -176,9 +177,19 @@ class ModelSection:
 
 
 @attrs.frozen
+class Margins:
+    """Equivalence margins: an effect within +-margin with posterior probability >= 1 - alpha is
+    "unchanged" (a positive statement, see findings.py)."""
+
+    gamma: float = 0.5  # on the logit scale of the latent model
+    ks: float = 0.05  # on the KS-statistic scale of class separability
+
+
+@attrs.frozen
 class AnalysesSection:
     metrics: tuple = DEFAULT_METRICS
-    alpha: float = 0.05  # threshold behind the plain-words findings and the Simpson's-paradox check
+    alpha: float = 0.05  # two-sided level of every finding (findings.py) and of the Simpson's-paradox check
+    margins: Margins = Margins()
 
 
 @attrs.frozen
@@ -562,6 +573,10 @@ def _check(spec: Spec) -> None:
             fail("a prior standard deviation must be positive", f"model.priors.{key}")
     if not 0 < spec.analyses.alpha < 1:
         fail("must lie between 0 and 1", "analyses.alpha")
+    for name in ("gamma", "ks"):
+        value = getattr(spec.analyses.margins, name)
+        if not (math.isfinite(value) and value > 0):
+            fail("must be a positive number", f"analyses.margins.{name}")
     if spec.perturbation is not None:
         for i, region in enumerate(spec.perturbation.regions):
             if region not in REGIONS:
