@@ -16,7 +16,7 @@ import attrs
 import numpy as np
 
 PARAMETERISATIONS = ("random_walk", "independent")
-METHODS = ("advi", "nuts", "pathfinder")
+METHODS = ("laplace", "advi", "nuts", "pathfinder")
 
 
 def stan_file() -> Path:
@@ -89,7 +89,7 @@ class LatentModelData:
 class FitSettings:
     """How to fit: validated by the spec before anything runs."""
 
-    method: str = "advi"
+    method: str = "laplace"
     draws: int = 1000
     seed: int = 0
     # Variational inference: stop when the relative change of the smoothed ELBO
@@ -114,12 +114,21 @@ class Fit:
     method: str
     parameterisation: str
     draws: dict
-    elbo: float  # estimate of the ELBO at the optimum (nan where not defined)
-    converged: bool
-    convergence_note: str  # how convergence was judged and what was seen
+    elbo: float  # the ELBO at the optimum of a variational method (nan for other methods)
+    converged: bool  # whether the fit's own accuracy diagnostic says it can be trusted
+    convergence_note: str  # how that was judged and what was seen
     elbo_trace: np.ndarray = attrs.field(factory=lambda: np.empty((0, 2)))  # (iteration, ELBO) rows
     diagnostics: dict = attrs.field(factory=dict)  # e.g. max_rhat, min_ess_bulk for NUTS
     seconds: float = float("nan")
+    log_evidence: float = float("nan")  # an estimate of log p(y) where the method gives one (importance sampling)
+    chains: int = 1  # the draws are `chains` chains one after another, each of n_draws / chains draws
+    sample_stats: dict = attrs.field(factory=dict)  # per-draw sampler statistics in ArviZ's names (NUTS)
+
+    @property
+    def selection_score(self) -> float:
+        """What chooses between parameterisations: log p(y) where estimated, else the ELBO (a lower bound)."""
+        score = self.log_evidence if np.isfinite(self.log_evidence) else self.elbo
+        return float(score) if np.isfinite(score) else -np.inf
 
     @property
     def n_draws(self) -> int:
@@ -143,6 +152,51 @@ class Backend(Protocol):
 
     def fit(self, data: LatentModelData, settings: FitSettings, progress: Callable[[str], None]) -> Fit:
         """Fit the model; call progress(message) now and then during long work."""
+
+
+def inference_data(fit: Fit, data: LatentModelData, coords: dict):
+    """The fit as ArviZ InferenceData: the posterior with its chains and named dimensions, the sampler's
+    statistics where the method has them, and the observed predictions.
+
+    coords: labels of `reader`, `severity`, `case` and `subgroup` (the fit's groups). What the posterior
+    was and how far to trust it are attributes of the posterior group.
+    """
+    import arviz as az  # heavy; only where posteriors are written
+
+    chains = fit.chains
+    per_chain = fit.n_draws // chains
+
+    def shaped(values):
+        values = np.asarray(values)
+        return values.reshape((chains, per_chain) + values.shape[1:])
+
+    dims = {"b": ["subgroup"], "mu": ["case"], "gamma": ["severity", "subgroup"], "nu": ["reader", "subgroup"],
+            "prediction": ["observation"]}
+    labels = {k: [str(v) for v in values] for k, values in coords.items()}
+    observed = {"prediction": np.asarray(data.prediction, dtype=float)}
+    where = {"observation": np.arange(data.n_predictions)}
+    idata = az.from_dict(
+        posterior={k: shaped(fit.draws[k]) for k in ("b", "mu", "gamma", "nu")},
+        sample_stats={k: shaped(v) for k, v in fit.sample_stats.items()} or None,
+        observed_data=observed,
+        coords={**labels, **where},
+        dims=dims,
+    )
+    # Which reader, severity and case each observation is, as coordinates along it.
+    idata.observed_data = idata.observed_data.assign_coords(
+        obs_reader=("observation", np.asarray(labels["reader"])[data.reader]),
+        obs_severity=("observation", np.asarray(labels["severity"])[data.severity]),
+        obs_case=("observation", np.asarray(labels["case"])[data.case]),
+    )
+    attributes = {"backend": fit.backend, "method": fit.method, "parameterisation": fit.parameterisation,
+                  "trusted": int(fit.converged), "accuracy_note": fit.convergence_note,
+                  "likelihood": "soft" if data.soft else "binary",
+                  **{k: float(v) for k, v in fit.diagnostics.items() if np.isscalar(v)}}
+    for group in idata.groups():
+        # ArviZ stamps the creation time; a run's files must be byte-identical for identical inputs.
+        idata[group].attrs.pop("created_at", None)
+    idata.posterior.attrs.update(attributes)
+    return idata
 
 
 def predictive_probability(fit: Fit, data: LatentModelData, chunk: int = 20) -> np.ndarray:

@@ -21,6 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from .findings import CHANGED, LOWERED, NO_CHANGE, RAISED, UNCHANGED, UNDETECTABLE  # noqa: E402
+
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 REGIONS = {"roi_interior": ("ROI interior", "#009E73"), "roi_exterior": ("ROI exterior", "#CC79A7"),
@@ -151,7 +153,8 @@ def _panel_caption(ctx, subgroup) -> str:
         f"numbers above: P(γ > 0 | data) per severity (small = {ctx.perturbation} lowers confidence; not a p-value). "
         f"Right: class separability, KS statistic between predictions on {ctx.study.cases.positive_label} cases "
         "of the subgroup and on all other cases, mean ± sd across observers; numbers above: one-tailed KS-test "
-        f"p-values against the reference severity (small = lower separability); bold where below α = {ctx.alpha:g}."
+        "p-values against the reference severity (small = lower separability). Bold where below α/2 = "
+        f"{ctx.alpha / 2:g}, that is where the finding is 'lowered'."
         + (" Italic rows and dashed lines: observed (not modelled) predictions." if observed else ""))
 
 
@@ -169,7 +172,9 @@ def _figures(ctx):
     if any(not ctx.rows("roi_separability", subgroup=s).empty for s in ctx.split):
         out.append(("fig5_roi", "Fig. 5 layout: class separability of observed predictions when only the ROI "
                     "interior, only its exterior, or the entire image is perturbed; mean ± sd of the KS statistic; "
-                    "numbers above: one-tailed KS-test p-values against the reference severity.",
+                    "one KS statistic per network seed (ROI regions: averaged over annotators); numbers above: "
+                    "one-tailed KS-test p-values against the reference severity, bold where below α/2 = "
+                    f"{ctx.alpha / 2:g} (finding 'lowered').",
                     lambda: _roi_figure(ctx)))
     if getattr(ctx.study, "calibration", None) is not None:
         out.append(("fig_reliability", "Reliability of the calibrated observers on the test cases at the reference "
@@ -234,7 +239,8 @@ def _value_rows(ax, ctx, rows):
                         xytext=(0, 4 + ROW_STEP * (len(rows) - 1 - i)), textcoords="offset points",
                         ha="center", va="bottom", fontsize=VALUE_FONT, color=colour,
                         style="italic" if italic else "normal",
-                        fontweight="bold" if np.isfinite(value) and value < ctx.alpha else "normal")
+                        # bold = the finding is "lowered"
+                        fontweight="bold" if np.isfinite(value) and value < ctx.alpha / 2 else "normal")
 
 
 def _dodge(i, k) -> float:
@@ -385,9 +391,11 @@ def _elbo_figure(ctx, traces):
 # --------------------------------------------------------------------------- findings in plain words
 
 def _where(ctx, labels) -> str:
-    """'from 1 mm on' when the significant severities are a tail of the ordered list, else 'at ...'."""
+    """'at every severity', 'from 1 mm on' when the severities are a tail of the ordered list, else 'at ...'."""
     labels = list(labels)
     later = list(ctx.severities[1:])
+    if labels == later and len(labels) > 1:
+        return "at every severity"
     if labels and labels == later[len(later) - len(labels):] and len(labels) > 1:
         return f"from {ctx.sev(labels[0])} on"
     return "at " + _join([ctx.sev(s) for s in labels])
@@ -398,51 +406,72 @@ def _join(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _ks_finding(t, alpha) -> str:
-    p = t["ks_pvalue"].to_numpy(float)
-    return "lowered" if (p < alpha).any() else "invariant"
+def _n_observers(ctx, observer) -> str:
+    group = ctx.study.observers.get(observer)
+    return f"{len(group.readers)} observers" if group is not None else "this number of observers"
+
+
+def _at(t, found) -> list:
+    return t["severity"][t["finding"] == found].tolist()
+
+
+def _finding_text(ctx, t, what, evidence, n) -> str:
+    """What the perturbation does to `what`, read from the rows' `finding` column alone (findings.finding),
+    so no sentence can disagree with the tables; evidence[finding] is a parenthesis backing it."""
+    clauses = []
+    for found, verb in ((LOWERED, "lowers {}"), (RAISED, "raises {}"), (UNCHANGED, "leaves {} unchanged"),
+                        (NO_CHANGE, "makes no detectable change to {}")):
+        if _at(t, found):
+            clauses.append(f"{verb.format('it' if clauses else what)} {_where(ctx, _at(t, found))}"
+                           f"{evidence.get(found, '')}")
+    out = [f"{ctx.perturbation} {_join(clauses)}"] if clauses else []
+    undetectable = _at(t, UNDETECTABLE)
+    if undetectable:
+        where = _where(ctx, undetectable)
+        where = "" if where == "at every severity" else f" {where}"
+        out.append(f"an effect of {ctx.perturbation} on {what}{where} cannot be detected with {n}"
+                   f"{evidence.get(UNDETECTABLE, '')}")
+    return "; ".join(out) if out else f"{what} cannot be judged (no findings)"
 
 
 def _confidence_sentences(ctx) -> list:
+    a2 = ctx.alpha / 2
     out = []
     for subgroup in ctx.split + ((ctx.merged,) if ctx.merged else ()):
         for observer in ctx.colour:
             t = ctx.rows("predictive_confidence", observer=observer, subgroup=subgroup)
             if t.empty:
                 continue
-            p = t["p_gamma_gt0"].to_numpy(float)
             last = t.iloc[-1]
             at_last = f"γ at {ctx.sev(last['severity'])} = {_num(last['gamma_mean'])} ± {_num(last['gamma_sd'])}"
-            low = t["severity"][p < ctx.alpha].tolist()
-            high = t["severity"][p > 1 - ctx.alpha].tolist()
-            if not np.isfinite(p).any():
-                text = "predictive confidence cannot be judged (no P(γ > 0) values)"
-            elif low or high:
-                parts = []
-                if low:
-                    parts.append(f"lowers predictive confidence (P(γ>0) < {ctx.alpha:g} {_where(ctx, low)})")
-                if high:
-                    verb = "raises it" if low else "raises predictive confidence"
-                    parts.append(f"{verb} (P(γ>0) > {1 - ctx.alpha:g} {_where(ctx, high)})")
-                text = f"{ctx.perturbation} " + " and ".join(parts) + f"; {at_last}"
-            else:
-                text = (f"{ctx.perturbation} has no detectable effect on predictive confidence "
-                        f"({ctx.alpha:g} ≤ P(γ>0) ≤ {1 - ctx.alpha:g} at every severity; {at_last})")
-            out.append((f"{observer}, {subgroup}: {text}.", (observer, ctx.grouping_of(subgroup)) in ctx.unreliable))
+            evidence = {LOWERED: f" (P(γ>0) < {a2:g})", RAISED: f" (P(γ>0) > {1 - a2:g})",
+                        NO_CHANGE: f" ({a2:g} ≤ P(γ>0) ≤ {1 - a2:g})"}
+            if _at(t, UNCHANGED):
+                evidence[UNCHANGED] = (f" (|γ| < {ctx.study.spec.analyses.margins.gamma:g} with posterior "
+                                       f"probability ≥ {1 - ctx.alpha:g})")
+            text = _finding_text(ctx, t, "predictive confidence", evidence, _n_observers(ctx, observer))
+            out.append((f"{observer}, {subgroup}: {text}; {at_last}.", (observer, ctx.grouping_of(subgroup)) in
+                        ctx.unreliable))
     return out
 
 
-def _separability_text(ctx, t, what) -> str:
-    p = t["ks_pvalue"].to_numpy(float)
+def _separability_text(ctx, t, what, n) -> str:
+    a2 = ctx.alpha / 2
     first, last = t.iloc[0], t.iloc[-1]
     span = (f"KS {_num(first['ks_mean'])} ± {_num(first['ks_sd'])} at {ctx.sev(first['severity'])}, "
             f"{_num(last['ks_mean'])} ± {_num(last['ks_sd'])} at {ctx.sev(last['severity'])}")
-    low = t["severity"][p < ctx.alpha].tolist()
-    if low:
-        return f"{ctx.perturbation} lowers {what} (p < {ctx.alpha:g} {_where(ctx, low)}; {span})"
-    if not np.isfinite(p).any():
-        return f"{what} cannot be tested (no p-values; {span})"
-    return f"{ctx.perturbation} has no detectable effect on {what} (all p ≥ {ctx.alpha:g}; {span})"
+    floor = t["ks_pvalue_floor"].min()
+    evidence = {LOWERED: f" (one-tailed KS p < {a2:g})", RAISED: f" (one-tailed KS p for a rise < {a2:g})",
+                NO_CHANGE: f" (both one-tailed KS p ≥ {a2:g})",
+                UNDETECTABLE: f" (a one-tailed KS test across {n} cannot give a p-value below {_num(floor)}, "
+                              f"and a finding needs one below α/2 = {a2:g})"}
+    return f"{_finding_text(ctx, t, what, evidence, n)}; {span}"
+
+
+def _changes(ctx, t) -> str:
+    """Where the rows' findings say the perturbation changed it: for comparing two tables."""
+    parts = [f"{found} {_where(ctx, _at(t, found))}" for found in CHANGED if _at(t, found)]
+    return _join(parts) if parts else "not detectably changed"
 
 
 def _separability_sentences(ctx) -> list:
@@ -452,17 +481,18 @@ def _separability_sentences(ctx) -> list:
             modelled = ctx.rows("class_separability", observer=observer, subgroup=subgroup)
             observed = ctx.rows("class_separability_observed", observer=observer, subgroup=subgroup)
             shaky = (observer, ctx.grouping_of(subgroup)) in ctx.unreliable
+            n = _n_observers(ctx, observer)
             if not modelled.empty:
                 what = ("posterior-predictive " if not observed.empty else "") + "class separability"
-                out.append((f"{observer}, {subgroup}: {_separability_text(ctx, modelled, what)}.", shaky))
+                out.append((f"{observer}, {subgroup}: {_separability_text(ctx, modelled, what, n)}.", shaky))
             if not observed.empty:
-                text = _separability_text(ctx, observed, "class separability of the observed predictions")
+                text = _separability_text(ctx, observed, "class separability of the observed predictions", n)
                 out.append((f"{observer}, {subgroup}: {text}.", False))
             if not modelled.empty and not observed.empty:
-                a, b = _ks_finding(modelled, ctx.alpha), _ks_finding(observed, ctx.alpha)
+                a, b = _changes(ctx, modelled), _changes(ctx, observed)
                 if a != b:
                     out.append((f"{observer}, {subgroup}: the posterior-predictive and the observed predictions "
-                                f"disagree: separability looks {a} in the posterior-predictive and {b} in the "
+                                f"disagree: separability is {a} in the posterior-predictive and {b} in the "
                                 "observed predictions; the latent model may not capture this observer's "
                                 "separability, so read both.", shaky))
     return out
@@ -479,14 +509,14 @@ def _roi_sentences(ctx) -> list:
                 t = ctx.rows("roi_separability", observer=observer, subgroup=subgroup, region=region)
                 if not t.empty:
                     name = REGIONS.get(region, (region,))[0]
-                    text = _separability_text(ctx, t, "class separability")
+                    text = _separability_text(ctx, t, "class separability", _n_observers(ctx, observer))
                     out.append((f"{observer}, {subgroup}, perturbing the {name}: {text}.", False))
     return out
 
 
 ANALYSIS_WORDS = {"predictive_confidence": "predictive confidence", "class_separability": "class separability"}
 FINDING_WORDS = {"lowered": "lowered by the perturbation", "raised": "raised by the perturbation",
-                 "invariant": "invariant to the perturbation"}
+                 "unchanged": "unchanged by the perturbation", "invariant": "invariant to the perturbation"}
 
 
 def _simpson_sentences(ctx) -> list:
@@ -498,11 +528,12 @@ def _simpson_sentences(ctx) -> list:
         what = ANALYSIS_WORDS.get(r["analysis"], str(r["analysis"]))
         merged, split = (FINDING_WORDS.get(r[c], str(r[c])) for c in ("merged_finding", "split_finding"))
         shaky = any((str(r["observer"]), g) in ctx.unreliable for g in ("split", "merged"))
+        where = f" (at {r['severities']} {ctx.unit})".replace(" )", ")") if str(r.get("severities", "")) else ""
         out.append((f"{r['observer']}, {what}: with {r['merged_subgroup']} merged into one subgroup it looks "
-                    f"{merged}, but {r['subgroup']} alone is {split}: Simpson's paradox.", shaky))
+                    f"{merged}, but {r['subgroup']} alone is {split}{where}: Simpson's paradox.", shaky))
     if not out:
-        out.append((f"No Simpson's paradox at α = {ctx.alpha:g}: every subgroup's finding matches the merged one.",
-                    False))
+        out.append((f"No Simpson's paradox at α = {ctx.alpha:g}: no subgroup credibly lacks (or reverses) an effect "
+                    "the merged analysis shows.", False))
     return out
 
 
@@ -575,8 +606,14 @@ def _html(ctx, figures) -> str:
     elif len(fit_table):
         parts.append(f"<p class='ok'>All {len(fit_table)} latent-model fits converged.</p>")
 
-    parts.append(f"<h2>Findings</h2><p>At α = {ctx.alpha:g}. Predictive confidence is judged by P(γ &gt; 0 | data), "
-                 "class separability by one-tailed KS tests against the reference severity.</p>")
+    parts.append(f"<h2>Findings</h2><p>Two-sided at α = {ctx.alpha:g}: each direction at α/2 = "
+                 f"{ctx.alpha / 2:g}. Predictive confidence is lowered where P(γ &gt; 0 | data) &lt; α/2, raised "
+                 "where it is &gt; 1 − α/2, and unchanged where |γ| is within the equivalence margin with posterior "
+                 "probability ≥ 1 − α; "
+                 "class separability is lowered or raised where the one-tailed KS test against the reference "
+                 "severity in that direction gives p &lt; α/2. Where the number of observers cannot give a KS "
+                 "p-value that small, a change cannot be detected, and the report says so. The tables' "
+                 "<code>finding</code> column holds the same findings.</p>")
     for heading, sentences in (("Predictive confidence", _confidence_sentences(ctx)),
                                ("Class separability", _separability_sentences(ctx)),
                                ("Regions of interest", _roi_sentences(ctx)),

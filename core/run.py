@@ -29,7 +29,7 @@ from .calibration import StudyCalibration, calibrate_group
 from .data import (Cases, RoiPredictions, case_ids, load_cases, load_observer_group, load_roi_published,
                    load_roi_tidy, read_table, require_columns)
 from .errors import PerceptcoreError
-from .latent_model import Fit, FitSettings, LatentModelData, predictive_probability
+from .latent_model import Fit, FitSettings, LatentModelData, inference_data, predictive_probability
 from .plugins import Registry
 from .spec import Spec
 
@@ -275,12 +275,13 @@ class Study:
                     self._report_fit(key + (parameterisation,), fit)
                     self._fits[key + (parameterisation,)] = fit
                 fits.append(self._fits[key + (parameterisation,)])
-            self._selected[key] = max(fits, key=lambda f: (np.nan_to_num(f.elbo, nan=-np.inf)))
+            self._selected[key] = max(fits, key=lambda f: f.selection_score)
         return self._selected[key]
 
     def _report_fit(self, key: tuple, fit: Fit) -> None:
-        state = "converged" if fit.converged else "DID NOT CONVERGE"
-        self.progress(f"  {key[0]} ({key[1]}, {key[2]}): ELBO {fit.elbo:.1f}, {state}, {fit.seconds:.1f} s")
+        state = "trusted" if fit.converged else "NOT TRUSTED by its own diagnostic"
+        score = f"log p(y) {fit.log_evidence:.1f}" if np.isfinite(fit.log_evidence) else f"ELBO {fit.elbo:.1f}"
+        self.progress(f"  {key[0]} ({key[1]}, {key[2]}): {score}, {state}, {fit.seconds:.1f} s")
 
     def fit_all(self) -> None:
         """Fit every observer group x grouping x parameterisation now, `model.workers` at a time.
@@ -321,7 +322,7 @@ class Study:
         for (observer, grouping, parameterisation), fit in sorted(self._fits.items(), key=self._fit_order):
             rows.append({
                 "observer": observer, "grouping": grouping, "parameterisation": parameterisation,
-                "backend": fit.backend, "method": fit.method, "elbo": fit.elbo,
+                "backend": fit.backend, "method": fit.method, "elbo": fit.elbo, "log_evidence": fit.log_evidence,
                 "selected": self._selected.get((observer, grouping)) is fit,
                 "converged": fit.converged, "convergence": fit.convergence_note, "seconds": round(fit.seconds, 2),
                 **{k: v for k, v in fit.diagnostics.items() if np.isscalar(v)},
@@ -400,20 +401,17 @@ class Study:
         return files
 
     def _write_posteriors(self, staging: Path) -> list[str]:
+        """Each selected fit as ArviZ data (NetCDF): `az.from_netcdf` / `az.summary` read it."""
         folder = staging / "posterior"
         folder.mkdir()
         files = []
         for (observer, grouping), fit in self._selected.items():
-            name = f"posterior/{observer}_{grouping}.npz"
-            group = self.observers[observer]
-            # Uncompressed: random draws barely compress, and compressing took seconds.
-            np.savez(
-                staging / name,
-                **{k: np.asarray(v) for k, v in fit.draws.items()},
-                readers=np.asarray(group.readers), severities=np.asarray(self.severities),
-                cases=np.asarray(self.cases.ids), groups=np.asarray(self.grouping(grouping).group_names),
-                backend=fit.backend, method=fit.method, parameterisation=fit.parameterisation,
-            )
+            name = f"posterior/{observer}_{grouping}.nc"
+            coords = {"reader": self.observers[observer].readers, "severity": self.severities,
+                      "case": self.cases.ids,
+                      "subgroup": self.grouping(grouping).group_names}
+            data = self.model_data(observer, self.grouping(grouping), fit.parameterisation)
+            inference_data(fit, data, coords).to_netcdf(str(staging / name))
             files.append(name)
         return files
 

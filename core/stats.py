@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from .findings import finding
+
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Two-sample Kolmogorov-Smirnov statistic along the last axis, for every leading index.
@@ -40,6 +42,31 @@ def separability_summary(ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     for s in range(1, ks.shape[1]):
         pvalue[s] = stats.ks_2samp(ks[:, 0], ks[:, s], alternative="less").pvalue
     return mean, sd, pvalue
+
+
+def ks_pvalue_floor(n_reference: int, n_perturbed: int) -> float:
+    """The smallest p-value a one-tailed two-sample KS test (either tail) can give with these sample sizes.
+
+    Computed by scipy on perfectly separated samples, so it follows whichever method (exact or
+    asymptotic) scipy uses at these sizes; with n per side and the exact method it is 1 / C(2n, n).
+    """
+    return float(stats.ks_2samp(np.ones(n_reference), np.zeros(n_perturbed), alternative="less").pvalue)
+
+
+def separability_columns(ks: np.ndarray, alpha: float) -> dict[str, list]:
+    """Per severity, the columns of a class-separability table: ks_mean, ks_sd, ks_pvalue (the published
+    one-tailed test: small when separability is lowered), ks_pvalue_raised (the other tail),
+    ks_pvalue_floor and the finding (findings.finding). ks is (observers, severities), severity 0 the
+    reference, whose tests and finding are empty.
+    """
+    mean, sd, lowered = separability_summary(ks)
+    raised = np.full(ks.shape[1], np.nan)
+    for s in range(1, ks.shape[1]):
+        raised[s] = stats.ks_2samp(ks[:, 0], ks[:, s], alternative="greater").pvalue
+    floor = np.r_[np.nan, np.full(ks.shape[1] - 1, ks_pvalue_floor(ks.shape[0], ks.shape[0]))]
+    found = [None] + [finding(lowered[s], raised[s], alpha, p_floor=floor[s]) for s in range(1, ks.shape[1])]
+    return {"ks_mean": list(mean), "ks_sd": list(sd), "ks_pvalue": list(lowered), "ks_pvalue_raised": list(raised),
+            "ks_pvalue_floor": list(floor), "finding": found}
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:

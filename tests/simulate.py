@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 
 from perceptcore.latent_model import LatentModelData, Priors
@@ -72,3 +73,80 @@ def simulate_study(
     )
     truth = {"b": b, "mu": mu, "gamma_free": gamma_free, "gamma": gamma, "nu": nu}
     return data, truth
+
+
+# --------------------------------------------------------------------------- the Simpson's-paradox calibration
+
+# The published study's analysed subgroups: (cases, malignant); the other 1,195 of 1,440 cases are negative.
+PUBLISHED_SUBGROUPS = {"microcalcifications": (109, 22), "soft_tissue_lesions": (136, 30)}
+PUBLISHED_OTHERS = 1440 - 109 - 136
+
+
+def ramp(low: float, n_severities: int = 9, full_at: int = 5) -> np.ndarray:
+    """gamma levels falling linearly from 0 at the reference to `low` at severity `full_at`, then level."""
+    return low * np.minimum(np.arange(n_severities) / full_at, 1.0)
+
+
+def simulate_subgroup_study(rng: np.random.Generator, gamma: dict, design: str = "radiologists",
+                            n_others: int = PUBLISHED_OTHERS, n_readers: int | None = None):
+    """A study of the published size with known subgroup effects, fitted split and merged.
+
+    gamma: subgroup name (of PUBLISHED_SUBGROUPS) -> its levels (S,), gamma[0] = 0. The cases are the
+    analysed subgroups' (positives and benign) and n_others negatives forming one more group, unaffected.
+    design "radiologists": 10 readers each read every case once at a uniformly random severity, 0/1
+    calls; "dnns": 5 seeds predict every case at every severity, probabilities (Beta around the
+    model's p). Case effects separate the classes: mu ~ N(+-1.25, 1) for malignant / negative.
+    Returns (split data, merged data, positive mask); data hold group 0, 1 = the subgroups in
+    PUBLISHED_SUBGROUPS order (merged: group 0 = both) and the last group = the other negatives.
+    """
+    names = list(PUBLISHED_SUBGROUPS)
+    sizes = [PUBLISHED_SUBGROUPS[n] for n in names] + [(n_others, 0)]
+    group = np.repeat(np.arange(len(sizes)), [n for n, _ in sizes])
+    positive = np.concatenate([np.arange(n) < k for n, k in sizes])
+    S = len(next(iter(gamma.values())))
+    levels = np.column_stack([gamma[n] for n in names] + [np.zeros(S)])  # (S, G)
+    R = n_readers or (10 if design == "radiologists" else 5)
+    N, G = len(group), len(sizes)
+    # Class separation (mu) well above the groups' differences (b): KS is unsigned, so a group whose
+    # positives sat below another group's negatives would read a fall of its logits as a rise.
+    b = rng.normal(0.0, 0.25, size=G)
+    mu = np.where(positive, 1.25, -1.25) + rng.normal(size=N)
+    nu = rng.normal(0.0, 0.5, size=(R, G))
+    if design == "radiologists":
+        reader, case = (a.ravel() for a in np.meshgrid(np.arange(R), np.arange(N), indexing="ij"))
+        severity = rng.integers(0, S, size=reader.shape)
+    else:
+        reader, severity, case = (a.ravel() for a in np.meshgrid(np.arange(R), np.arange(S), np.arange(N),
+                                                                 indexing="ij"))
+    g = group[case]
+    p = 1.0 / (1.0 + np.exp(-(b[g] + mu[case] + levels[severity, g] + nu[reader, g])))
+    soft = design != "radiologists"
+    prediction = rng.beta(3.0 * p, 3.0 * (1.0 - p)) if soft else (rng.random(p.shape) < p).astype(float)
+    split = LatentModelData(n_cases=N, n_readers=R, n_severities=S, n_groups=G, case_group=group, reader=reader,
+                            severity=severity, case=case, prediction=prediction, soft=soft)
+    merged_group = np.where(group < len(names), 0, 1)
+    merged = attrs.evolve(split, n_groups=2, case_group=merged_group)
+    return split, merged, positive
+
+
+def paradox_flags(backend, settings, split, merged, positive, alpha: float, margins) -> dict:
+    """Fit a simulated study split and merged and run the Simpson's-paradox check on both analyses.
+
+    Returns {analysis: {subgroup name: check() result}}, analyses `predictive_confidence` and
+    `class_separability`, as the simpsons_paradox metric computes them.
+    """
+    from perceptcore_plugins.metrics.bayesian_separability import mean_ks_draws
+    from perceptcore_plugins.metrics.simpsons_paradox import check
+
+    names = list(PUBLISHED_SUBGROUPS)
+    fit_split = backend.fit(split, settings, lambda m: None)
+    fit_merged = backend.fit(merged, settings, lambda m: None)
+    gamma_split, gamma_merged = fit_split.draws["gamma"], fit_merged.draws["gamma"]
+    ks_split = mean_ks_draws(fit_split.draws, split.case_group, positive, [split.case_group == k for k in (0, 1)])
+    ks_merged = mean_ks_draws(fit_merged.draws, merged.case_group, positive, [merged.case_group == 0])
+    return {
+        "predictive_confidence": check({n: gamma_split[:, 1:, k] for k, n in enumerate(names)},
+                                       gamma_merged[:, 1:, 0], alpha, margins.gamma),
+        "class_separability": check({n: ks_split[:, 1:, k] - ks_split[:, :1, k] for k, n in enumerate(names)},
+                                    ks_merged[:, 1:, 0] - ks_merged[:, :1, 0], alpha, margins.ks),
+    }

@@ -165,7 +165,7 @@ def write_study(
             "definition": "chest_xray_findings" if chest else "breast_lesions",
             "analyse": ["nodule", "diffuse_opacity"] if chest else ["microcalcifications", "soft_tissue_lesions"],
         },
-        "model": {"backend": "torch", "method": "advi", "draws": 40, "max_iterations": 400},
+        "model": {"backend": "torch", "method": "laplace", "draws": 40},
         "analyses": {"metrics": list(metrics)},
         "outputs": {"figures": ["png"], "report": False},
     }

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
@@ -218,9 +219,9 @@ def test_a_run_writes_calibration_csv(calibrated_run):
 def test_the_analyses_leave_the_validation_cases_out(calibrated_run):
     _, out, held_out = calibrated_run
     for name in ("radiologists_split", "dnns_merged"):
-        with np.load(out / "posterior" / f"{name}.npz") as saved:
-            analysed = set(saved["cases"].tolist())
-            assert saved["mu"].shape[1] == 40
+        posterior = az.from_netcdf(out / "posterior" / f"{name}.nc").posterior
+        analysed = {str(case) for case in posterior.case.values}
+        assert posterior["mu"].sizes["case"] == 40
         assert analysed == {f"c{i:03d}" for i in range(60)} - set(held_out)
 
 

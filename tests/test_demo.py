@@ -22,11 +22,13 @@ SMALL = [
     "training[0].seeds=3", "training[1].epochs=1", "training[2].epochs=1",
     "model.draws=100", "model.max_iterations=600",
 ]
+KS = ["ks_mean", "ks_sd", "ks_pvalue", "ks_pvalue_raised", "ks_pvalue_floor", "finding"]
 SCHEMAS = {
-    "predictive_confidence.csv": ["observer", "subgroup", "severity", "gamma_mean", "gamma_sd", "p_gamma_gt0"],
-    "class_separability.csv": ["observer", "subgroup", "severity", "ks_mean", "ks_sd", "ks_pvalue"],
-    "class_separability_observed.csv": ["observer", "subgroup", "severity", "ks_mean", "ks_sd", "ks_pvalue"],
-    "roi_separability.csv": ["observer", "subgroup", "region", "severity", "ks_mean", "ks_sd", "ks_pvalue"],
+    "predictive_confidence.csv": ["observer", "subgroup", "severity", "gamma_mean", "gamma_sd", "p_gamma_gt0",
+                                  "p_outside_margin", "finding"],
+    "class_separability.csv": ["observer", "subgroup", "severity", *KS],
+    "class_separability_observed.csv": ["observer", "subgroup", "severity", *KS],
+    "roi_separability.csv": ["observer", "subgroup", "region", "severity", *KS],
     "calibration.csv": ["observer", "reader", "fitted_at", "strength", "ece_validation_cv", "ece_test_before",
                         "ece_test_after", "n_validation", "n_test"],
     "training.csv": ["training", "model", "severity", "reader", "epoch", "loss"],

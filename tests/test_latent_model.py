@@ -12,9 +12,10 @@ import torch
 from perceptcore.errors import PerceptcoreError
 from perceptcore.latent_model import Backend, FitSettings, stan_file
 from perceptcore_plugins.backends import stan as stan_backend_module
-from perceptcore_plugins.backends import torch_advi
+from perceptcore_plugins.backends import _advi, torch_backend
 from perceptcore_plugins.backends.stan import StanBackend
-from perceptcore_plugins.backends.torch_advi import TorchAdviBackend, log_density
+from perceptcore_plugins.backends._advi import log_density
+from perceptcore_plugins.backends.torch_backend import TorchBackend
 
 try:
     from simulate import simulate_study
@@ -26,6 +27,9 @@ PARAMETERISATIONS = ("random_walk", "independent")
 
 
 # ---------------------------------------------------------------- data and helpers
+
+
+ADVI = FitSettings(method="advi", seed=0)
 
 
 def small_study(soft: bool, parameterisation: str = "random_walk"):
@@ -123,7 +127,7 @@ def test_torch_advi_matches_nuts(pystan_models, likelihood):
     data, model = pystan_models[likelihood, "random_walk"]
     nuts = model.sample(num_chains=2, num_samples=1000, num_warmup=1000)
     nuts_gamma = np.moveaxis(nuts["gamma"], -1, 0).mean(axis=0)  # PyStan puts draws last
-    fit = TorchAdviBackend().fit(data, FitSettings(seed=0))
+    fit = TorchBackend().fit(data, ADVI)
     assert fit.converged
     np.testing.assert_array_equal(nuts_gamma[0], 0.0)
     assert np.abs(fit_mean(fit) - nuts_gamma).max() < 0.15
@@ -150,7 +154,7 @@ def test_log_density_matches_a_numpy_transcription(small, likelihood, parameteri
 def test_hand_gradient_is_the_autograd_gradient(sparse, parameterisation):
     """The fit's hand-written reparameterisation gradient, against autograd of the same estimate."""
     data, _ = simulate_study(np.random.default_rng(2), 30, 3, 4, 2, True, parameterisation, sparse=sparse)
-    prob = torch_advi._Problem(data)
+    prob = _advi._Problem(data)
     assert prob.grid == (not sparse)
     rng = np.random.default_rng(0)
     mean = torch.tensor(rng.normal(size=prob.P), requires_grad=True)
@@ -172,7 +176,7 @@ def test_hand_gradient_is_the_autograd_gradient(sparse, parameterisation):
 
 def test_ridge_step_keeps_eta_and_raises_the_elbo():
     data, _ = simulate_study(np.random.default_rng(4), 40, 3, 4, 2, False, sparse=True)
-    prob = torch_advi._Problem(data)
+    prob = _advi._Problem(data)
     mean = torch.tensor(np.random.default_rng(1).normal(size=prob.P))
     log_sd = torch.full((prob.P,), -1.0, dtype=torch.float64)
     before_eta, before_elbo = prob.to_eta(mean), prob.elbo(mean, log_sd)
@@ -187,7 +191,7 @@ def test_ridge_step_keeps_eta_and_raises_the_elbo():
 def test_quadrature_elbo_is_the_monte_carlo_elbo_of_the_log_density(small):
     """The final ELBO (quadrature) equals E_q[log_density] + entropy by joint draws."""
     data = small["soft"][0]
-    fit = TorchAdviBackend().fit(data, FitSettings(seed=0, draws=4000))
+    fit = TorchBackend().fit(data, FitSettings(method="advi", seed=0, draws=4000))
     draws = fit.draws
     params = {
         "b": torch.tensor(draws["b"]),
@@ -214,7 +218,7 @@ def test_torch_advi_recovers_simulated_parameters(soft, sparse, readers, gamma_t
     ADVI's error; a wrong fit (gamma near 0, wrong signs, swapped groups) fails.
     """
     data, truth = simulate_study(np.random.default_rng(101), 800, readers, 6, 3, soft, sparse=sparse, gamma_scale=1.0)
-    fit = TorchAdviBackend().fit(data, FitSettings(seed=0))
+    fit = TorchBackend().fit(data, ADVI)
     assert fit.converged, fit.convergence_note
     gamma = fit_mean(fit)
     assert gamma.shape == (6, 3)
@@ -228,9 +232,9 @@ def test_torch_advi_recovers_simulated_parameters(soft, sparse, readers, gamma_t
 
 def test_torch_advi_is_deterministic_given_the_seed(small):
     data = small["binary"][0]
-    backend = TorchAdviBackend()
-    a, b = (backend.fit(data, FitSettings(seed=7, draws=50)) for _ in range(2))
-    c = backend.fit(data, FitSettings(seed=8, draws=50))
+    backend = TorchBackend()
+    a, b = (backend.fit(data, FitSettings(method="advi", seed=7, draws=50)) for _ in range(2))
+    c = backend.fit(data, FitSettings(method="advi", seed=8, draws=50))
     for key in ("b", "mu", "gamma", "nu"):
         np.testing.assert_array_equal(a.draws[key], b.draws[key])
         assert not np.array_equal(a.draws[key][:, 1:] if key == "gamma" else a.draws[key], c.draws[key][:, 1:] if key == "gamma" else c.draws[key])
@@ -241,14 +245,14 @@ def test_torch_advi_is_deterministic_given_the_seed(small):
 def test_torch_advi_seeds_agree_on_gamma():
     """Run to convergence, different seeds give the same gamma means (Stan's default rule: ~0.4 apart)."""
     data, _ = simulate_study(np.random.default_rng(7), 600, 5, 9, 3, True)
-    fits = [TorchAdviBackend().fit(data, FitSettings(seed=s)) for s in (0, 1)]
+    fits = [TorchBackend().fit(data, FitSettings(method="advi", seed=s)) for s in (0, 1)]
     assert np.abs(fit_mean(fits[0]) - fit_mean(fits[1])).max() < 0.05
     assert fits[0].elbo == pytest.approx(fits[1].elbo, abs=1.0)
 
 
 def test_torch_advi_fit_record(small):
     data = small["soft"][0]
-    fit = TorchAdviBackend().fit(data, FitSettings(seed=0, draws=123), progress=lambda m: None)
+    fit = TorchBackend().fit(data, FitSettings(method="advi", seed=0, draws=123), progress=lambda m: None)
     assert (fit.backend, fit.method, fit.parameterisation, fit.n_draws) == ("torch", "advi", "random_walk", 123)
     assert fit.draws["b"].shape == (123, 2) and fit.draws["mu"].shape == (123, 60)
     assert fit.draws["gamma"].shape == (123, 4, 2) and fit.draws["nu"].shape == (123, 4, 2)
@@ -256,17 +260,17 @@ def test_torch_advi_fit_record(small):
     assert fit.elbo_trace.shape[1] == 2 and np.all(np.diff(fit.elbo_trace[:, 0]) > 0)
     assert np.isfinite(fit.elbo) and fit.elbo < 0
     assert fit.seconds > 0
-    short = TorchAdviBackend().fit(data, FitSettings(seed=0, max_iterations=120))
+    short = TorchBackend().fit(data, FitSettings(method="advi", seed=0, max_iterations=120))
     assert not short.converged and "budget ran out" in short.convergence_note
     assert short.diagnostics["iterations"] <= 120
 
 
 def test_torch_backend_rejects_other_methods(small):
-    with pytest.raises(PerceptcoreError, match="advi"):
-        TorchAdviBackend().fit(small["soft"][0], FitSettings(method="nuts"))
+    with pytest.raises(PerceptcoreError, match="laplace and advi"):
+        TorchBackend().fit(small["soft"][0], FitSettings(method="nuts"))
 
 
-@pytest.mark.parametrize("module, cls", [(torch_advi, TorchAdviBackend), (stan_backend_module, StanBackend)])
+@pytest.mark.parametrize("module, cls", [(torch_backend, TorchBackend), (stan_backend_module, StanBackend)])
 def test_plugin_modules_register_their_backend(module, cls):
     registered = []
     module.perceptcore_register_backends(registered.append)
@@ -275,9 +279,10 @@ def test_plugin_modules_register_their_backend(module, cls):
 
 
 def test_backend_declarations():
-    assert (TorchAdviBackend.name, TorchAdviBackend.methods, TorchAdviBackend.priority) == ("torch", ("advi",), 0)
-    assert TorchAdviBackend().unavailable_reason() is None
-    assert (StanBackend.name, StanBackend.methods, StanBackend.priority) == ("stan", ("advi", "nuts", "pathfinder"), 10)
+    assert (TorchBackend.name, TorchBackend.methods, TorchBackend.priority) == ("torch", ("laplace", "advi"), 20)
+    assert TorchBackend().unavailable_reason() is None
+    assert StanBackend.name == "stan" and StanBackend.priority == 10
+    assert set(StanBackend.methods) == {"laplace", "advi", "nuts", "pathfinder"}
 
 
 # ---------------------------------------------------------------- CmdStan backend
@@ -327,7 +332,7 @@ def test_stan_backend_agrees_with_torch(small):
     if reason:
         pytest.skip(reason)
     data = small["soft"][0]
-    reference = TorchAdviBackend().fit(data, FitSettings(seed=1))
+    reference = TorchBackend().fit(data, FitSettings(method="advi", seed=1))
     nuts = backend.fit(data, FitSettings(method="nuts", chains=2, warmup=1000, draws=2000, seed=1), print)
     assert nuts.draws["gamma"].shape == (2000, 4, 2) and nuts.draws["nu"].shape == (2000, 4, 2)
     np.testing.assert_array_equal(nuts.draws["gamma"][:, 0, :], 0.0)

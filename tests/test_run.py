@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
@@ -54,7 +55,7 @@ def test_same_spec_and_seed_give_identical_numbers(study, first_run, tmp_path):
 
 def test_manifest_lists_every_output_and_who_made_it(first_run):
     manifest = json.loads((first_run / "run.json").read_text())
-    assert manifest["backend"] == "torch" and manifest["method"] == "advi" and manifest["seed"] == 0
+    assert manifest["backend"] == "torch" and manifest["method"] == "laplace" and manifest["seed"] == 0
     written = sorted(str(p.relative_to(first_run)) for p in first_run.rglob("*") if p.is_file())
     assert manifest["outputs"] == written
     assert "report.html" in written and "fit_diagnostics.csv" in written
@@ -62,13 +63,13 @@ def test_manifest_lists_every_output_and_who_made_it(first_run):
 
 def test_saved_posterior_is_the_one_the_tables_summarise(first_run):
     confidence = pd.read_csv(first_run / "predictive_confidence.csv", dtype={"severity": str})
-    with np.load(first_run / "posterior" / "radiologists_split.npz") as saved:
-        assert str(saved["backend"]) == "torch" and str(saved["method"]) == "advi"
-        groups = list(saved["groups"])
-        severities = list(saved["severities"])
-        gamma = saved["gamma"]
-        assert gamma.shape == (40, len(severities), len(groups))
-        assert np.all(gamma[:, 0, :] == 0)
+    posterior = az.from_netcdf(first_run / "posterior" / "radiologists_split.nc").posterior
+    assert posterior.attrs["backend"] == "torch" and posterior.attrs["method"] == "laplace"
+    groups = [str(g) for g in posterior.subgroup.values]
+    severities = [str(s) for s in posterior.severity.values]
+    gamma = posterior["gamma"].stack(sample=("chain", "draw")).transpose("sample", "severity", "subgroup").values
+    assert gamma.shape == (40, len(severities), len(groups))
+    assert np.all(gamma[:, 0, :] == 0)
     rows = confidence[(confidence.observer == "radiologists") & (confidence.subgroup == "microcalcifications")]
     g = groups.index("microcalcifications")
     expected = gamma[:, 1:, g].mean(axis=0)
@@ -84,22 +85,22 @@ def test_rerun_replaces_an_earlier_run(study, first_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging folder left
 
 
-def test_highest_elbo_parameterisation_is_used(study, tmp_path):
+def test_the_parameterisation_with_the_highest_log_evidence_is_used(study, tmp_path):
     out = tmp_path / "run"
     assert run(study, out, "model.parameterisations=[random_walk, independent]") == 0
     fits = pd.read_csv(out / "fit_diagnostics.csv")
     assert len(fits) == 2 * 2 * 2  # observers x groupings x parameterisations
     for _, pair in fits.groupby(["observer", "grouping"]):
         assert pair.selected.sum() == 1
-        assert pair.loc[pair.selected, "elbo"].item() == pair.elbo.max()
-    with np.load(out / "posterior" / "dnns_split.npz") as saved:
-        chosen = fits[(fits.observer == "dnns") & (fits.grouping == "split") & fits.selected]
-        assert str(saved["parameterisation"]) == chosen.parameterisation.item()
+        assert pair.loc[pair.selected, "log_evidence"].item() == pair.log_evidence.max()
+    chosen = fits[(fits.observer == "dnns") & (fits.grouping == "split") & fits.selected]
+    posterior = az.from_netcdf(out / "posterior" / "dnns_split.nc").posterior
+    assert posterior.attrs["parameterisation"] == chosen.parameterisation.item()
 
 
 def test_a_fit_that_did_not_converge_is_flagged(study, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(study, out, "model.max_iterations=60", "outputs.report=true") == 0
+    assert run(study, out, "model.method=advi", "model.max_iterations=60", "outputs.report=true") == 0
     err = capsys.readouterr().err
     assert "warning: the fit of radiologists (split, random_walk) did not converge" in err
     assert json.loads((out / "run.json").read_text())["all_fits_converged"] is False
@@ -116,5 +117,22 @@ def test_parallel_fits_give_the_same_numbers_as_sequential_ones(study, tmp_path)
     one = pd.read_csv(tmp_path / "one" / "fit_diagnostics.csv")
     two = pd.read_csv(tmp_path / "two" / "fit_diagnostics.csv")
     assert len(two) == 2 * 2 and two.converged.all()
-    columns = ["observer", "grouping", "parameterisation", "elbo", "selected"]
+    columns = ["observer", "grouping", "parameterisation", "log_evidence", "selected"]
     assert one[columns].equals(two[columns])
+
+
+def test_posterior_file_is_arviz_data_that_az_summary_reads(first_run):
+    idata = az.from_netcdf(first_run / "posterior" / "radiologists_split.nc")
+    assert {"posterior", "observed_data"} <= set(idata.groups())
+    assert idata.posterior["gamma"].dims == ("chain", "draw", "severity", "subgroup")
+    assert idata.posterior["nu"].dims == ("chain", "draw", "reader", "subgroup")
+    summary = az.summary(idata, var_names=["gamma"], round_to="none")
+    confidence = pd.read_csv(first_run / "predictive_confidence.csv", dtype={"severity": str})
+    rows = confidence[(confidence.observer == "radiologists") & (confidence.subgroup == "microcalcifications")]
+    for _, row in rows.iterrows():
+        label = f"gamma[{row.severity}, microcalcifications]"
+        assert summary.loc[label, "mean"] == pytest.approx(row.gamma_mean, abs=1e-12)
+        assert summary.loc[label, "sd"] == pytest.approx(row.gamma_sd, rel=1e-3)  # ArviZ's sd uses ddof=0
+    observed = idata.observed_data
+    assert observed["prediction"].sizes["observation"] == len(observed.obs_reader)
+    assert set(np.unique(observed["prediction"].values)) <= {0.0, 1.0}

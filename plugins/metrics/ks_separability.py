@@ -10,9 +10,10 @@ from __future__ import annotations
 import pandas as pd
 
 from perceptcore.plugins import hookimpl
-from perceptcore.stats import ks_statistic, separability_summary
+from perceptcore.stats import ks_statistic, separability_columns
 
-COLUMNS = ("observer", "subgroup", "severity", "ks_mean", "ks_sd", "ks_pvalue")
+KS_COLUMNS = ("ks_mean", "ks_sd", "ks_pvalue", "ks_pvalue_raised", "ks_pvalue_floor", "finding")
+COLUMNS = ("observer", "subgroup", "severity") + KS_COLUMNS
 
 
 class KsSeparability:
@@ -28,19 +29,20 @@ class KsSeparability:
                 predictive = study.predictive(observer, grouping)
                 for subgroup in grouping.analysed:
                     positive = study.cases.positive & grouping.members(subgroup)
-                    modelled += _rows(observer, subgroup, study.severities, predictive, positive, negative)
+                    modelled += _rows(study, observer, subgroup, predictive, positive, negative)
                     if group.dense:
-                        observed += _rows(observer, subgroup, study.severities, group.values, positive, negative)
+                        observed += _rows(study, observer, subgroup, group.values, positive, negative)
         return {
             "class_separability": pd.DataFrame(modelled, columns=COLUMNS),
             "class_separability_observed": pd.DataFrame(observed, columns=COLUMNS),
         }
 
 
-def _rows(observer, subgroup, severities, predictions, positive, negative):
+def _rows(study, observer, subgroup, predictions, positive, negative):
     ks = ks_statistic(predictions[..., positive], predictions[..., negative])  # (observers, severities)
-    mean, sd, pvalue = separability_summary(ks)
-    return [(observer, subgroup, label, mean[s], sd[s], pvalue[s]) for s, label in enumerate(severities)]
+    columns = separability_columns(ks, study.alpha)
+    return [(observer, subgroup, label, *(columns[c][s] for c in KS_COLUMNS))
+            for s, label in enumerate(study.severities)]
 
 
 @hookimpl

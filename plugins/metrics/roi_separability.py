@@ -1,5 +1,13 @@
 """ROI separability: class separability of observed predictions when only the ROI interior,
-only its exterior, or the entire image was perturbed. No latent model is involved."""
+only its exterior, or the entire image was perturbed. No latent model is involved.
+
+Every region is tested on the same unit, one KS statistic per network seed: for the ROI regions
+the statistic is averaged over the annotators whose ROIs were perturbed. The annotators' versions
+of one seed are the same network seeing the same cases, not independent observers; counting each
+(annotator, seed) as a unit would pseudo-replicate (35 units for 7 annotators x 5 seeds against
+the entire image's 5), shrinking the ROI p-values for want of independence and making them
+incomparable with the entire image's.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,10 @@ import pandas as pd
 
 from perceptcore.errors import PerceptcoreError
 from perceptcore.plugins import hookimpl
-from perceptcore.stats import ks_statistic, separability_summary
+from perceptcore.stats import ks_statistic, separability_columns
 
-COLUMNS = ("observer", "subgroup", "region", "severity", "ks_mean", "ks_sd", "ks_pvalue")
+KS_COLUMNS = ("ks_mean", "ks_sd", "ks_pvalue", "ks_pvalue_raised", "ks_pvalue_floor", "finding")
+COLUMNS = ("observer", "subgroup", "region", "severity") + KS_COLUMNS
 
 
 class RoiSeparability:
@@ -38,14 +47,13 @@ class RoiSeparability:
             if not positive.any():
                 raise PerceptcoreError(f"no {study.cases.positive_label} case of subgroup {subgroup!r} is in the "
                                        "ROI study", "roi")
-            regions = {region: values for region, values in roi.values.items()}
-            regions["entire_image"] = entire
-            for region, values in regions.items():
-                # One KS statistic per (annotator, seed) for the ROI regions, per seed for the entire image.
-                ks = ks_statistic(values[..., positive], values[..., ~positive_all])
-                ks = ks.reshape(-1, ks.shape[-1])
-                mean, sd, pvalue = separability_summary(ks)
-                rows += [(observer, subgroup, region, label, mean[s], sd[s], pvalue[s])
+            # (seeds, severities) for every region: ROI regions averaged over annotators (see above).
+            regions = {region: ks_statistic(values[..., positive], values[..., ~positive_all]).mean(axis=0)
+                       for region, values in roi.values.items()}
+            regions["entire_image"] = ks_statistic(entire[..., positive], entire[..., ~positive_all])
+            for region, ks in regions.items():
+                columns = separability_columns(ks, study.alpha)
+                rows += [(observer, subgroup, region, label, *(columns[c][s] for c in KS_COLUMNS))
                          for s, label in enumerate(study.severities)]
         return {"roi_separability": pd.DataFrame(rows, columns=COLUMNS)}
 

@@ -1,4 +1,5 @@
-"""Mean-field ADVI of `latent_model.stan`, in PyTorch: the backend that always runs.
+"""Mean-field ADVI of `latent_model.stan`, in PyTorch: the torch backend's `advi` method (the
+published papers' inference, kept to reproduce them; the default is `laplace`, see _laplace.py).
 
 The variational family is Stan's `meanfield`: an independent Gaussian for every
 unconstrained parameter (b, mu, gamma_free, nu; all are unconstrained already, so
@@ -8,7 +9,6 @@ with its normalising constants, so the ELBO is comparable with CmdStan's.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import weakref
@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from perceptcore.errors import PerceptcoreError
 from perceptcore.latent_model import Fit, FitSettings, LatentModelData
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -248,144 +247,103 @@ class _Adam:
             p.add_(lr / c1 * m / ((v / c2).sqrt() + 1e-8))
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread, restoring the caller's setting after.
-
-    A step is a few dozen operations on ~65k numbers: too small to gain from a
-    second thread, and on a busy 2-core machine two threads made fits 10-20 times
-    slower (threads spin waiting for each other).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class TorchAdviBackend:
+def fit_advi(data: LatentModelData, settings: FitSettings, progress: Callable[[str], None]) -> Fit:
     """Mean-field ADVI in PyTorch, run until the ELBO has stopped improving."""
+    start_time = time.perf_counter()
+    prob = _problem(data)
+    gen = torch.Generator().manual_seed(int(settings.seed))
+    mean = torch.zeros(prob.P, dtype=_DTYPE)
+    # Start each sd near a Laplace guess, 1/sqrt(prior precision + n/4), instead
+    # of Stan's sd = 1: it saves the iterations the log-sds would need to get there.
+    log_sd = -0.5 * torch.log(1.0 / prob.prior_var + prob.counts() / 4.0)
+    adam = _Adam(mean, log_sd)
 
-    name = "torch"
-    methods = ("advi",)
-    priority = 0
+    def step(lr: float) -> float:
+        # float32 normals: generating them is the costliest part of a step, and
+        # their precision does not matter (the arithmetic stays in float64).
+        eps = torch.randn(data.n_predictions, generator=gen, dtype=torch.float32).to(_DTYPE)
+        elbo, g_mean, g_log_sd = prob.elbo_and_gradient(mean, log_sd, eps)
+        adam.step((g_mean, g_log_sd), lr)
+        prob.ridge_step(mean)
+        return elbo
 
-    def unavailable_reason(self) -> str | None:
-        return None
+    max_iter = int(settings.max_iterations)
+    tol = float(settings.tolerance)
+    progress(f"torch ADVI: {data.n_predictions} predictions, {prob.P} parameters")
+    decay_min = min(_MIN_DECAY, max(max_iter // 4, 1))
+    trace, vals, windows, quiet = [], [], [], 0
+    converged, it = False, 0
 
-    def fit(self, data: LatentModelData, settings: FitSettings, progress: Callable[[str], None] = lambda m: None) -> Fit:
-        if settings.method not in self.methods:
-            raise PerceptcoreError(
-                f"the torch backend runs only 'advi', not {settings.method!r}; use backend 'stan' for it", "fit.method"
-            )
-        with _one_thread():
-            return self._fit(data, settings, progress)
+    # Phase 1: constant step until the windowed ELBO has stopped rising: twice in
+    # a row, consecutive window means differ by less than `tolerance` (relative)
+    # or by less than twice the Monte Carlo standard error of their difference.
+    while it < max_iter - decay_min:
+        vals.append(step(_LR))
+        it += 1
+        if len(vals) < _WINDOW:
+            continue
+        w = np.asarray(vals)
+        vals = []
+        windows.append((w.mean(), w.var(ddof=1) / w.size, it))
+        trace.append((it, w.mean()))
+        if len(windows) % 10 == 0:
+            progress(f"torch ADVI: iteration {it}, ELBO {w.mean():.1f}")
+        if len(windows) < 2:
+            continue
+        (m1, v1, _), (m0, v0, _) = windows[-1], windows[-2]
+        quiet = quiet + 1 if abs(m1 - m0) < max(tol * abs(m1), 2.0 * math.sqrt(v0 + v1)) else 0
+        if quiet == 2:
+            converged = True
+            break
+    rel = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(windows[1:], windows[:-1])]
+    if converged:
+        seen = f"it stopped at iteration {it} (last relative changes {rel[-2]:.1e}, {rel[-1]:.1e})"
+    else:
+        last = f"; last relative change {rel[-1]:.1e}" if rel else ""
+        seen = f"it had not stopped when the budget ran out at iteration {it}{last}"
 
-    def _fit(self, data: LatentModelData, settings: FitSettings, progress: Callable[[str], None]) -> Fit:
-        start_time = time.perf_counter()
-        prob = _problem(data)
-        gen = torch.Generator().manual_seed(int(settings.seed))
-        mean = torch.zeros(prob.P, dtype=_DTYPE)
-        # Start each sd near a Laplace guess, 1/sqrt(prior precision + n/4), instead
-        # of Stan's sd = 1: it saves the iterations the log-sds would need to get there.
-        log_sd = -0.5 * torch.log(1.0 / prob.prior_var + prob.counts() / 4.0)
-        adam = _Adam(mean, log_sd)
-
-        def step(lr: float) -> float:
-            # float32 normals: generating them is the costliest part of a step, and
-            # their precision does not matter (the arithmetic stays in float64).
-            eps = torch.randn(data.n_predictions, generator=gen, dtype=torch.float32).to(_DTYPE)
-            elbo, g_mean, g_log_sd = prob.elbo_and_gradient(mean, log_sd, eps)
-            adam.step((g_mean, g_log_sd), lr)
-            prob.ridge_step(mean)
-            return elbo
-
-        max_iter = int(settings.max_iterations)
-        tol = float(settings.tolerance)
-        progress(f"torch ADVI: {data.n_predictions} predictions, {prob.P} parameters")
-        decay_min = min(_MIN_DECAY, max(max_iter // 4, 1))
-        trace, vals, windows, quiet = [], [], [], 0
-        converged, it = False, 0
-
-        # Phase 1: constant step until the windowed ELBO has stopped rising: twice in
-        # a row, consecutive window means differ by less than `tolerance` (relative)
-        # or by less than twice the Monte Carlo standard error of their difference.
-        while it < max_iter - decay_min:
-            vals.append(step(_LR))
-            it += 1
-            if len(vals) < _WINDOW:
-                continue
-            w = np.asarray(vals)
+    # Phase 2: the step decays linearly to zero, which averages out the Monte
+    # Carlo jitter a constant step leaves in the variational means.
+    decay_len = min(max(decay_min, it // 2), max_iter - it)
+    snapshot_at = it + (3 * decay_len) // 4
+    snapshot = mean.clone()
+    for k in range(decay_len):
+        vals.append(step(_LR * (1.0 - k / decay_len)))
+        it += 1
+        if len(vals) == _WINDOW:
+            trace.append((it, float(np.mean(vals))))
             vals = []
-            windows.append((w.mean(), w.var(ddof=1) / w.size, it))
-            trace.append((it, w.mean()))
-            if len(windows) % 10 == 0:
-                progress(f"torch ADVI: iteration {it}, ELBO {w.mean():.1f}")
-            if len(windows) < 2:
-                continue
-            (m1, v1, _), (m0, v0, _) = windows[-1], windows[-2]
-            quiet = quiet + 1 if abs(m1 - m0) < max(tol * abs(m1), 2.0 * math.sqrt(v0 + v1)) else 0
-            if quiet == 2:
-                converged = True
-                break
-        rel = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(windows[1:], windows[:-1])]
-        if converged:
-            seen = f"it stopped at iteration {it} (last relative changes {rel[-2]:.1e}, {rel[-1]:.1e})"
-        else:
-            last = f"; last relative change {rel[-1]:.1e}" if rel else ""
-            seen = f"it had not stopped when the budget ran out at iteration {it}{last}"
+        if it == snapshot_at:
+            snapshot = mean.clone()
+    sd = log_sd.exp()
+    moved = ((mean - snapshot).abs() / sd).max().item()
+    elbo = prob.elbo(mean, log_sd)
 
-        # Phase 2: the step decays linearly to zero, which averages out the Monte
-        # Carlo jitter a constant step leaves in the variational means.
-        decay_len = min(max(decay_min, it // 2), max_iter - it)
-        snapshot_at = it + (3 * decay_len) // 4
-        snapshot = mean.clone()
-        for k in range(decay_len):
-            vals.append(step(_LR * (1.0 - k / decay_len)))
-            it += 1
-            if len(vals) == _WINDOW:
-                trace.append((it, float(np.mean(vals))))
-                vals = []
-            if it == snapshot_at:
-                snapshot = mean.clone()
-        sd = log_sd.exp()
-        moved = ((mean - snapshot).abs() / sd).max().item()
-        elbo = prob.elbo(mean, log_sd)
-
-        draws_flat = mean + sd * torch.randn((int(settings.draws), prob.P), generator=gen, dtype=_DTYPE)
-        parts = prob.split(draws_flat)
-        draws = {
-            "b": parts["b"].numpy(),
-            "mu": parts["mu"].numpy(),
-            "gamma": _gamma_levels(parts["gamma_free"], prob.random_walk).numpy(),
-            "nu": parts["nu"].numpy(),
-        }
-        note = (
-            f"Adam (step {_LR}) ran until the mean ELBO estimate of consecutive {_WINDOW}-iteration windows "
-            f"changed, twice in a row, by less than the tolerance {tol:g} (relative) or than twice its "
-            f"Monte Carlo standard error: {seen}. The step then decayed linearly to zero over {decay_len} "
-            f"iterations; in the last quarter of those the variational means moved at most {moved:.3f} "
-            f"posterior sd. Final ELBO {elbo:.2f} (Gauss-Hermite quadrature, no Monte Carlo error)."
-        )
-        progress(f"torch ADVI: done after {it} iterations, ELBO {elbo:.1f}")
-        return Fit(
-            backend=self.name,
-            method="advi",
-            parameterisation=data.parameterisation,
-            draws=draws,
-            elbo=float(elbo),
-            converged=converged,
-            convergence_note=note,
-            elbo_trace=np.asarray(trace, dtype=float).reshape(-1, 2),
-            diagnostics={"iterations": it, "max_mean_shift_sd": moved},
-            seconds=time.perf_counter() - start_time,
-        )
-
-
-from perceptcore.plugins import hookimpl  # noqa: E402
-
-
-@hookimpl
-def perceptcore_register_backends(register):
-    register(TorchAdviBackend())
+    draws_flat = mean + sd * torch.randn((int(settings.draws), prob.P), generator=gen, dtype=_DTYPE)
+    parts = prob.split(draws_flat)
+    draws = {
+        "b": parts["b"].numpy(),
+        "mu": parts["mu"].numpy(),
+        "gamma": _gamma_levels(parts["gamma_free"], prob.random_walk).numpy(),
+        "nu": parts["nu"].numpy(),
+    }
+    note = (
+        f"Adam (step {_LR}) ran until the mean ELBO estimate of consecutive {_WINDOW}-iteration windows "
+        f"changed, twice in a row, by less than the tolerance {tol:g} (relative) or than twice its "
+        f"Monte Carlo standard error: {seen}. The step then decayed linearly to zero over {decay_len} "
+        f"iterations; in the last quarter of those the variational means moved at most {moved:.3f} "
+        f"posterior sd. Final ELBO {elbo:.2f} (Gauss-Hermite quadrature, no Monte Carlo error)."
+    )
+    progress(f"torch ADVI: done after {it} iterations, ELBO {elbo:.1f}")
+    return Fit(
+        backend="torch",
+        method="advi",
+        parameterisation=data.parameterisation,
+        draws=draws,
+        elbo=float(elbo),
+        converged=converged,
+        convergence_note=note,
+        elbo_trace=np.asarray(trace, dtype=float).reshape(-1, 2),
+        diagnostics={"iterations": it, "max_mean_shift_sd": moved},
+        seconds=time.perf_counter() - start_time,
+    )

@@ -1,0 +1,134 @@
+"""Calibrate the Simpson's-paradox check on simulated studies of the published size.
+
+    python benchmarks/simpsons_calibration.py [--studies 200] [--design radiologists|dnns]
+
+Each study has the published subgroups (109 microcalcification cases, 22 malignant; 136
+soft-tissue cases, 30 malignant; 1,195 other negatives), 9 severities, and is fitted split and
+merged with the torch backend. Two kinds of study:
+
+  null:    both subgroups share one effect (gamma falling to --null-low), so no subgroup may be
+           flagged: the check must flag at most alpha of them;
+  paradox: microcalcifications fall to gamma = -2, soft-tissue lesions are unaffected (gamma = 0),
+           so the merged group looks sensitive: the check must flag soft_tissue_lesions (and never
+           microcalcifications) in at least 80 % of them.
+
+It prints, per analysis, the rate of studies flagged with its 95 % Clopper-Pearson interval, and
+the time taken. The simulation lives in tests/simulate.py (shared with tests/test_simpsons_paradox.py),
+found beside this script whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from simulate import paradox_flags, ramp, simulate_subgroup_study  # noqa: E402
+
+from perceptcore.latent_model import FitSettings  # noqa: E402
+from perceptcore.spec import AnalysesSection  # noqa: E402
+from perceptcore.plugins import load_registry  # noqa: E402
+
+SENSITIVE, INVARIANT = "microcalcifications", "soft_tissue_lesions"
+
+
+def torch_backend():
+    return load_registry().get("backend", "torch", "benchmark")
+
+
+def scenarios(null_low: float) -> dict:
+    return {"null": {SENSITIVE: ramp(null_low), INVARIANT: ramp(null_low)},
+            "paradox": {SENSITIVE: ramp(-2.0), INVARIANT: ramp(0.0)}}
+
+
+def one_study(task: tuple) -> tuple:
+    """(scenario, {analysis: {subgroup: flagged}}, CPU seconds) of one simulated study, seeded by its task."""
+    started = time.process_time()
+    seed, i, k, design, method, null_low, n_others = task
+    name, gamma = list(scenarios(null_low).items())[k]
+    rng = np.random.default_rng([seed, i, k])
+    split, merged, positive = simulate_subgroup_study(rng, gamma, design, n_others)
+    settings = FitSettings(method=method, draws=1000, seed=int(rng.integers(2**31)))
+    analyses = AnalysesSection()
+    result = paradox_flags(torch_backend(), settings, split, merged, positive, analyses.alpha, analyses.margins)
+    flags = {a: {s: any(r["flagged"]) for s, r in per.items()} for a, per in result.items()}
+    return name, flags, time.process_time() - started
+
+
+def run(n_studies: dict, design: str, method: str, null_low: float, n_others: int, seed: int = 0,
+        workers: int = 1, progress=print) -> dict:
+    """Flag counts {scenario: {analysis: {"any" or subgroup: count}}}, `studies` (per scenario) and
+    `cpu` (seconds). n_studies: scenario -> studies; the scenarios alternate while both run."""
+    counts = {name: {} for name in scenarios(null_low)}
+    counts["cpu"] = 0.0
+    tasks = [(seed, i, k, design, method, null_low, n_others) for i in range(max(n_studies.values()))
+             for k, name in enumerate(scenarios(null_low)) if i < n_studies[name]]
+    context = multiprocessing.get_context("spawn")  # torch's thread pool does not survive a fork
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for done, (name, flags, cpu) in enumerate(pool.map(one_study, tasks), 1):
+            counts["cpu"] += cpu
+            for analysis, flagged in flags.items():
+                tally = counts[name].setdefault(analysis, {"any": 0, SENSITIVE: 0, INVARIANT: 0})
+                tally["any"] += any(flagged.values())
+                for s, f in flagged.items():
+                    tally[s] += f
+            if done % 20 == 0:
+                progress(f"  {done}/{len(tasks)} studies: " + "; ".join(
+                    f"{name} {analysis} {t['any']} (mc {t[SENSITIVE]}, st {t[INVARIANT]})"
+                    for name in scenarios(null_low) for analysis, t in counts[name].items()), flush=True)
+        return counts
+
+
+def interval(k: int, n: int) -> tuple[float, float]:
+    """95 % Clopper-Pearson interval of a binomial rate."""
+    ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
+    return ci.low, ci.high
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=200, help="studies where the subgroups share the effect")
+    parser.add_argument("--paradox-studies", type=int, default=100, help="studies with a real paradox")
+    parser.add_argument("--design", choices=("radiologists", "dnns"), default="radiologists")
+    parser.add_argument("--null-low", type=float, default=-1.0, help="the shared effect's lowest gamma")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="processes")
+    parser.add_argument("--others", type=int, default=200,
+                        help="negatives outside the analysed subgroups (published: 1195; fewer fit faster)")
+    parser.add_argument("--method", help="the torch backend's method (default: laplace when it has it, else advi)")
+    args = parser.parse_args()
+    method = args.method or ("laplace" if "laplace" in torch_backend().methods else "advi")
+    alpha = AnalysesSection().alpha
+    margins = AnalysesSection().margins
+    print(f"{args.studies} + {args.paradox_studies} studies, {args.design}, {args.others} other negatives, torch {method}, "
+          f"alpha {alpha}, "
+          f"margins gamma {margins.gamma}, KS {margins.ks}")
+    start = time.perf_counter()
+    studies = {"null": args.studies, "paradox": args.paradox_studies}
+    counts = run(studies, args.design, method, args.null_low, args.others, args.seed, args.workers)
+    seconds = time.perf_counter() - start
+    for analysis in counts["null"]:
+        null, paradox = counts["null"][analysis], counts["paradox"][analysis]
+        n = studies["null"]
+        lo, hi = interval(null["any"], n)
+        print(f"{analysis}: null (shared effect to {args.null_low}): flagged {null['any']}/{n} = "
+              f"{null['any'] / n:.3f} [95 % CI {lo:.3f}, {hi:.3f}] (claim <= {alpha})")
+        n = studies["paradox"]
+        lo, hi = interval(paradox[INVARIANT], n)
+        print(f"{analysis}: paradox: {INVARIANT} flagged {paradox[INVARIANT]}/{n} = {paradox[INVARIANT] / n:.3f} "
+              f"[95 % CI {lo:.3f}, {hi:.3f}] (claim >= 0.8); {SENSITIVE} wrongly flagged {paradox[SENSITIVE]}/{n}")
+    total = sum(studies.values())
+    print(f"{total} studies, {2 * total} fits in {seconds:.0f} s wall with {args.workers} workers, "
+          f"{counts['cpu'] / total:.1f} CPU s per study")
+
+
+if __name__ == "__main__":
+    main()
