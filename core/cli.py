@@ -149,7 +149,7 @@ def _run(args) -> int:
           f"(backend {study.backend.name}, method {study.spec.model.method})")
     for _, row in unconverged.iterrows():
         print(f"warning: the fit of {row['observer']} ({row['grouping']}, {row['parameterisation']}) did not "
-              f"converge: {row['convergence']}", file=sys.stderr)
+              f"converge or failed its own accuracy diagnostic: {row['convergence']}", file=sys.stderr)
     return 0
 
 

@@ -62,6 +62,21 @@ class LatentModelData:
     def with_parameterisation(self, parameterisation: str) -> "LatentModelData":
         return attrs.evolve(self, parameterisation=parameterisation)
 
+    def only_subgroup(self, group: int) -> "LatentModelData":
+        """The predictions on the cases of one subgroup, as a one-subgroup data set.
+
+        Every prediction involves the parameters of its case's subgroup only and the priors are
+        independent, so the posterior factorises over subgroups: this data set's posterior is exactly
+        that subgroup's part of the whole one.
+        """
+        cases = np.flatnonzero(np.asarray(self.case_group) == group)
+        local = np.full(self.n_cases, -1)
+        local[cases] = np.arange(len(cases))
+        keep = local[np.asarray(self.case)] >= 0
+        return attrs.evolve(self, n_cases=len(cases), n_groups=1, case_group=np.zeros(len(cases), dtype=int),
+                            reader=np.asarray(self.reader)[keep], severity=np.asarray(self.severity)[keep],
+                            case=local[np.asarray(self.case)[keep]], prediction=np.asarray(self.prediction)[keep])
+
     def stan_data(self) -> dict:
         """The data block of `latent_model.stan`."""
         return {

@@ -600,11 +600,12 @@ def _html(ctx, figures) -> str:
                         f"{e(str(r['parameterisation']))}): {e(str(r.get('convergence', '')))}</li>"
                         for _, r in failed.iterrows())
         parts.append(f"<div class='warning'><h3>⚠ {len(failed)} of {len(fit_table)} latent-model fits did not "
-                     f"converge</h3><ul>{items}</ul><p>Findings that depend on these fits (predictive confidence and "
+                     f"converge or failed their own accuracy diagnostic</h3><ul>{items}</ul><p>Findings that depend on these fits (predictive confidence and "
                      "posterior-predictive class separability of these observers, and the Simpson's-paradox check "
                      "built on them) are <b>unreliable</b>; they are marked below.</p></div>")
     elif len(fit_table):
-        parts.append(f"<p class='ok'>All {len(fit_table)} latent-model fits converged.</p>")
+        parts.append(f"<p class='ok'>All {len(fit_table)} latent-model fits passed their accuracy diagnostic "
+                     "(see Fit diagnostics).</p>")
 
     parts.append(f"<h2>Findings</h2><p>Two-sided at α = {ctx.alpha:g}: each direction at α/2 = "
                  f"{ctx.alpha / 2:g}. Predictive confidence is lowered where P(γ &gt; 0 | data) &lt; α/2, raised "
@@ -639,8 +640,9 @@ def _html(ctx, figures) -> str:
         parts.append("<p>No latent model was fitted.</p>")
     parts += [_figure_html(*f) for f in elbo]
     if len(fit_table) and "elbo" in fit_table:
-        parts.append("<h3>Model selection</h3><p>ELBO per parameterisation; the selected one (highest ELBO) is "
-                     "bold.</p>" + _selection_html(fit_table))
+        parts.append("<h3>Model selection</h3><p>log p(y) per parameterisation (the importance-sampling estimate; "
+                     "the ELBO, a lower bound, for variational methods); the selected one (highest) is bold.</p>"
+                     + _selection_html(fit_table))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -705,7 +707,9 @@ def _selection_html(fit_table) -> str:
             r = match.iloc[0]
             chosen = bool(r.get("selected", False))
             mark = " ✓ selected" if chosen else ""
-            cells.append(f"<td{' class=selected' if chosen else ''}>{e(_num(r['elbo']))}{mark}</td>")
+            score = r.get("log_evidence", np.nan)
+            score = score if np.isfinite(score) else r["elbo"]
+            cells.append(f"<td{' class=selected' if chosen else ''}>{e(_num(score))}{mark}</td>")
         body.append(f"<tr><td class=text>{e(str(observer))}</td><td class=text>{e(str(grouping))}</td>"
                     f"{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

@@ -314,3 +314,35 @@ def test_real_cmdstan_laplace_agrees_with_torch():
     else:  # log p(y) is at least the ELBO of any approximation (up to Monte Carlo error)
         assert fit.log_evidence > reference.elbo - 1.0
     assert np.abs(fit.draws["gamma"].mean(axis=0) - reference.draws["gamma"].mean(axis=0)).max() < 0.15
+
+
+# ---------------------------------------------------------------- NUTS diagnostics
+
+
+def _nuts_like(rng, chains=4, per_chain=1000, rho=0.0, shift=0.0, n=3):
+    """Draws of the Fit layout whose autocorrelation (AR(1), rho) and between-chain shift are known."""
+    x = np.empty((chains, per_chain, n))
+    x[:, 0] = rng.normal(size=(chains, n))
+    for t in range(1, per_chain):
+        x[:, t] = rho * x[:, t - 1] + math.sqrt(1 - rho**2) * rng.normal(size=(chains, n))
+    x += shift * np.arange(chains)[:, None, None]
+    flat = x.reshape(chains * per_chain, n)
+    gamma = np.concatenate([np.zeros((len(flat), 1, 1)), flat[:, :1, None]], axis=1)
+    return {"b": flat[:, 1:2], "mu": flat[:, 2:3], "gamma": gamma, "nu": flat[:, :1, None]}
+
+
+def test_nuts_diagnostics_follow_theory():
+    rng = np.random.default_rng(0)
+    energy = rng.normal(size=4000)
+    iid = stan_backend_module._nuts_diagnostics(_nuts_like(rng), {"energy": energy, "diverging": np.zeros(4000)}, 4)
+    assert iid["max_rhat"] < 1.01 and iid["divergences"] == 0
+    assert 0.8 * 4000 < iid["min_ess_bulk"] < 1.2 * 4000  # independent draws: ESS = draws
+    assert iid["min_bfmi"] > 1.5  # E-BFMI of independent energies is 2
+    # AR(1) with rho = 0.9: ESS = n (1 - rho) / (1 + rho) = 4000 / 19.
+    sticky = stan_backend_module._nuts_diagnostics(_nuts_like(rng, rho=0.9), {"energy": energy}, 4)
+    assert 0.6 * 4000 / 19 < sticky["min_ess_bulk"] < 1.4 * 4000 / 19
+    apart = stan_backend_module._nuts_diagnostics(_nuts_like(rng, shift=0.5), {"energy": energy}, 4)
+    assert apart["max_rhat"] > 1.05  # chains that disagree
+    walk = np.cumsum(rng.normal(size=4000))
+    stuck = stan_backend_module._nuts_diagnostics(_nuts_like(rng), {"energy": walk, "diverging": np.eye(1, 4000)[0]}, 4)
+    assert stuck["min_bfmi"] < 0.3 and stuck["divergences"] == 1

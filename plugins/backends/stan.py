@@ -65,6 +65,34 @@ def _compiled_model(progress: Callable[[str], None]):
         raise PerceptcoreError(f"CmdStan could not compile the latent model: {exc}", "backend stan") from exc
 
 
+# CmdStan's sampler columns and ArviZ's names for them.
+_SAMPLER_STATS = {"lp__": "lp", "accept_stat__": "acceptance_rate", "stepsize__": "step_size",
+                  "treedepth__": "tree_depth", "n_leapfrog__": "n_steps", "divergent__": "diverging",
+                  "energy__": "energy"}
+
+
+def _nuts_diagnostics(draws: dict, sample_stats: dict, chains: int) -> dict:
+    """R-hat, bulk and tail ESS over every parameter (ArviZ), divergences and the lowest E-BFMI."""
+    import arviz as az
+
+    # gamma's reference row is the constant 0: no diagnostic applies to it.
+    posterior = {k: (v[:, 1:] if k == "gamma" else v) for k, v in draws.items()}
+    data = az.convert_to_dataset({k: v.reshape((chains, -1) + v.shape[1:]) for k, v in posterior.items()})
+
+    def extreme(result, pick):
+        return float(pick([pick(result[k].values) for k in result.data_vars]))
+
+    energy = sample_stats.get("energy")
+    bfmi = az.bfmi(energy.reshape(chains, -1)) if energy is not None else np.array([np.nan])
+    return {
+        "max_rhat": extreme(az.rhat(data), np.nanmax),
+        "min_ess_bulk": extreme(az.ess(data, method="bulk"), np.nanmin),
+        "min_ess_tail": extreme(az.ess(data, method="tail"), np.nanmin),
+        "divergences": int(np.sum(sample_stats.get("diverging", 0))),
+        "min_bfmi": float(np.min(bfmi)),
+    }
+
+
 def _draws(fit, data: LatentModelData, **kwargs) -> dict:
     """Stan's variables (draws first; matrices as (D, rows, cols)) in the Fit layout.
 
@@ -260,8 +288,9 @@ class StanBackend:
         }
 
     def _nuts(self, model, stan_data, data, settings, progress, out_dir) -> dict:
-        chains = int(settings.chains)
-        per_chain = max(1, math.ceil(int(settings.draws) / chains))
+        import arviz as az
+
+        chains, per_chain = int(settings.chains), int(settings.draws)
         progress(f"stan: NUTS, {chains} chains x ({settings.warmup} warmup + {per_chain} draws)")
         mcmc = model.sample(
             data=stan_data,
@@ -273,25 +302,29 @@ class StanBackend:
             output_dir=out_dir,
             show_progress=False,
         )
-        summary = mcmc.summary()
-        params = summary[[i.split("[")[0] in _PARAMETERS for i in summary.index]]
-        ess_col = "ESS_bulk" if "ESS_bulk" in params.columns else "N_Eff"
-        max_rhat = float(np.nanmax(params["R_hat"].to_numpy(dtype=float)))
-        min_ess = float(np.nanmin(params[ess_col].to_numpy(dtype=float)))
-        divergences = int(np.sum(mcmc.divergences))
-        converged = max_rhat < 1.01 and divergences == 0
+        draws = _draws(mcmc, data)  # chains one after another
+        stats = mcmc.method_variables()  # (draws, chains) each
+        sample_stats = {arviz_name: np.asarray(stats[name], dtype=float).T.reshape(-1)
+                        for name, arviz_name in _SAMPLER_STATS.items() if name in stats}
+        summary = _nuts_diagnostics(draws, sample_stats, chains)
+        converged = (summary["max_rhat"] <= 1.01 and min(summary["min_ess_bulk"], summary["min_ess_tail"]) >= 400
+                     and summary["divergences"] == 0 and summary["min_bfmi"] >= 0.3)
         note = (
-            f"NUTS, {chains} chains: converged means max R-hat < 1.01 over b, mu, gamma_free, nu and no "
-            f"divergent transitions; seen max R-hat {max_rhat:.4f}, min {ess_col} {min_ess:.0f}, "
-            f"{divergences} divergences."
+            f"NUTS, {chains} chains x {per_chain} draws, diagnostics from ArviZ: trusted when max R-hat <= 1.01, "
+            f"bulk and tail ESS >= 400 for every parameter, no divergent transition and E-BFMI >= 0.3 in every "
+            f"chain; seen max R-hat {summary['max_rhat']:.4f}, min bulk ESS {summary['min_ess_bulk']:.0f}, min tail "
+            f"ESS {summary['min_ess_tail']:.0f}, {summary['divergences']} divergences, min E-BFMI "
+            f"{summary['min_bfmi']:.2f}."
         )
         return {
             **self._base(data, "nuts"),
-            "draws": _draws(mcmc, data),
+            "draws": draws,
             "elbo": float("nan"),
-            "converged": converged,
+            "converged": bool(converged),
             "convergence_note": note,
-            "diagnostics": {"max_rhat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences},
+            "diagnostics": summary,
+            "chains": chains,
+            "sample_stats": sample_stats,
         }
 
     def _pathfinder(self, model, stan_data, data, settings, progress, out_dir) -> dict:
