@@ -1,10 +1,14 @@
 """Calibrate the Simpson's-paradox check on simulated studies of the published size.
 
-    python benchmarks/simpsons_calibration.py [--studies 200] [--design radiologists|dnns]
+    python benchmarks/simpsons_calibration.py [--studies 200] [--paradox-studies 100] [--others 200]
+                                              [--design radiologists|dnns] [--workers 2]
 
 Each study has the published subgroups (109 microcalcification cases, 22 malignant; 136
-soft-tissue cases, 30 malignant; 1,195 other negatives), 9 severities, and is fitted split and
-merged with the torch backend. Two kinds of study:
+soft-tissue cases, 30 malignant) and --others of the other 1,195 negatives (200 by default: they
+enter only the KS comparisons, since the posterior factorises over subgroups, and they dominate
+the fitting time), 9 severities, 10 radiologists reading every case once at a uniformly drawn
+severity (or 5 dense DNN seeds), and is fitted split and merged with the torch backend (`laplace`
+when it has it). Two kinds of study:
 
   null:    both subgroups share one effect (gamma falling to --null-low), so no subgroup may be
            flagged: the check must flag at most alpha of them;
@@ -108,8 +112,8 @@ def main() -> None:
     method = args.method or ("laplace" if "laplace" in torch_backend().methods else "advi")
     alpha = AnalysesSection().alpha
     margins = AnalysesSection().margins
-    print(f"{args.studies} + {args.paradox_studies} studies, {args.design}, {args.others} other negatives, torch {method}, "
-          f"alpha {alpha}, "
+    print(f"{args.studies} + {args.paradox_studies} studies, {args.design}, {args.others} other negatives, "
+          f"torch {method}, alpha {alpha}, "
           f"margins gamma {margins.gamma}, KS {margins.ks}")
     start = time.perf_counter()
     studies = {"null": args.studies, "paradox": args.paradox_studies}

@@ -17,7 +17,6 @@ import pandas as pd
 
 from perceptcore.findings import finding
 from perceptcore.plugins import hookimpl
-from perceptcore.stats import ks_statistic
 
 COLUMNS = ("observer", "subgroup", "severity", "ks_mean", "ks_sd", "delta_mean", "delta_sd", "p_lower",
            "p_outside_margin", "finding")
@@ -25,7 +24,8 @@ COLUMNS = ("observer", "subgroup", "severity", "ks_mean", "ks_sd", "delta_mean",
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def mean_ks_draws(draws: dict, case_group: np.ndarray, positive: np.ndarray, subgroups: list[np.ndarray]) -> np.ndarray:
+def mean_ks_draws(draws: dict, case_group: np.ndarray, positive: np.ndarray,
+                  subgroups: list[np.ndarray]) -> np.ndarray:
     """Per draw, per severity, per subgroup: the readers' mean KS statistic between that subgroup's
     positive cases (`subgroups[k] & positive`) and all negative cases. Returns (draws, severities, K).
 
@@ -33,8 +33,8 @@ def mean_ks_draws(draws: dict, case_group: np.ndarray, positive: np.ndarray, sub
     c = b + gamma + nu: the negatives of each group keep their order across (r, s). So each group's
     negatives are sorted once per draw, and the negatives' ECDF at the few positive points is a
     searchsorted per group, instead of sorting every (draw, reader, severity) row of ~1,400 cases
-    (what stats.ks_statistic would do, 50x slower). Ranks suffice because the logistic is increasing;
-    the draws are continuous, so ties between cases have probability 0 and are not treated.
+    (stats.ks_statistic on every row: 16x slower at the published size). Ranks suffice because the
+    logistic is increasing; the draws are continuous, so ties between cases have probability 0.
     """
     b, mu, gamma, nu = (np.asarray(draws[k], dtype=float) for k in ("b", "mu", "gamma", "nu"))
     negative = ~positive
@@ -94,7 +94,8 @@ class BayesianSeparability:
                             continue
                         delta = ks[:, s, k] - ks[:, 0, k]
                         rows.append(row + (delta.mean(), delta.std(ddof=1), np.mean(delta < 0),
-                                           np.mean(np.abs(delta) >= margin), effect_finding(delta, study.alpha, margin)))
+                                           np.mean(np.abs(delta) >= margin),
+                                           effect_finding(delta, study.alpha, margin)))
         return {"bayesian_separability": pd.DataFrame(rows, columns=COLUMNS)}
 
 
