@@ -1,7 +1,8 @@
 """The one rule that turns evidence about a severity's effect into a finding.
 
 Every table column `finding`, every sentence of the report, the Simpson's-paradox check and the
-README use `finding()`, so a raised effect is "raised" everywhere and no two statements disagree.
+README use `finding()` (posterior analyses through `posterior_finding()`, on the draws themselves),
+so a raised effect is "raised" everywhere and no two statements disagree.
 
 A finding is two-sided: the effect is *lowered* when the evidence against "not lowered" is below
 alpha / 2, *raised* when the evidence against "not raised" is, and otherwise either *unchanged*
@@ -42,3 +43,14 @@ def finding(p_lower: float, p_raise: float, alpha: float, p_floor: float = 0.0,
     if p_floor >= alpha / 2:
         return UNDETECTABLE
     return NO_CHANGE
+
+
+def posterior_finding(draws, alpha: float, margin: float) -> str:
+    """The finding for posterior draws of an effect whose 0 means "no change" (gamma, or a change of
+    separability): the same rule, with P(effect >= 0), P(effect <= 0) and P(|effect| >= margin) counted
+    over the draws. Every posterior finding (tables, report, Simpson's check) comes from here."""
+    import numpy as np
+
+    draws = np.asarray(draws, dtype=float)
+    return finding(float(np.mean(draws >= 0)), float(np.mean(draws <= 0)), alpha, 0.0,
+                   float(np.mean(np.abs(draws) >= margin)))

@@ -514,7 +514,7 @@ def _roi_sentences(ctx) -> list:
     return out
 
 
-ANALYSIS_WORDS = {"predictive_confidence": "predictive confidence", "class_separability": "class separability"}
+ANALYSIS_WORDS = {"predictive_confidence": "predictive confidence", "bayesian_separability": "class separability"}
 FINDING_WORDS = {"lowered": "lowered by the perturbation", "raised": "raised by the perturbation",
                  "unchanged": "unchanged by the perturbation", "invariant": "invariant to the perturbation"}
 

@@ -133,7 +133,7 @@ def paradox_flags(backend, settings, split, merged, positive, alpha: float, marg
     """Fit a simulated study split and merged and run the Simpson's-paradox check on both analyses.
 
     Returns {analysis: {subgroup name: check() result}}, analyses `predictive_confidence` and
-    `class_separability`, as the simpsons_paradox metric computes them.
+    `bayesian_separability`, as the simpsons_paradox metric computes them.
     """
     from perceptcore_plugins.metrics.bayesian_separability import mean_ks_draws
     from perceptcore_plugins.metrics.simpsons_paradox import check
@@ -147,6 +147,6 @@ def paradox_flags(backend, settings, split, merged, positive, alpha: float, marg
     return {
         "predictive_confidence": check({n: gamma_split[:, 1:, k] for k, n in enumerate(names)},
                                        gamma_merged[:, 1:, 0], alpha, margins.gamma),
-        "class_separability": check({n: ks_split[:, 1:, k] - ks_split[:, :1, k] for k, n in enumerate(names)},
+        "bayesian_separability": check({n: ks_split[:, 1:, k] - ks_split[:, :1, k] for k, n in enumerate(names)},
                                     ks_merged[:, 1:, 0] - ks_merged[:, :1, 0], alpha, margins.ks),
     }

@@ -93,7 +93,7 @@ def test_error_rates_on_simulated_studies():
     analyses = AnalysesSection()
     sensitive, invariant = PUBLISHED_SUBGROUPS
     rng = np.random.default_rng(7)
-    false_flags, detections, wrong = {"predictive_confidence": 0, "class_separability": 0}, 0, 0
+    false_flags, detections, wrong = {"predictive_confidence": 0, "bayesian_separability": 0}, 0, 0
     for _ in range(STUDIES):
         for shared, gamma in ((True, {sensitive: ramp(-1.0), invariant: ramp(-1.0)}),
                               (False, {sensitive: ramp(-2.0), invariant: ramp(0.0)})):
@@ -108,7 +108,7 @@ def test_error_rates_on_simulated_studies():
                 detections += flagged[invariant]
                 wrong += flagged[sensitive]
     most, fewest = bounds(STUDIES, analyses.alpha, 0.8)
-    assert false_flags["predictive_confidence"] <= most and false_flags["class_separability"] <= most
+    assert false_flags["predictive_confidence"] <= most and false_flags["bayesian_separability"] <= most
     assert wrong <= most
     assert detections >= fewest
 
@@ -149,4 +149,4 @@ def test_table_names_the_flagged_severities():
     assert a.merged_finding == "lowered" and a.merged_subgroup == "a+b"
     assert a.p_differ == 0 and a.p_threshold == pytest.approx(ALPHA / 3 / 2)
     assert not b.differs and b.severities == "" and b.split_finding == "lowered" and b.p_differ == 1
-    assert set(table.analysis) == {"predictive_confidence", "class_separability"} and len(table) == 4
+    assert set(table.analysis) == {"predictive_confidence", "bayesian_separability"} and len(table) == 4

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import pandas as pd
 
-from perceptcore.findings import finding
+from perceptcore.findings import posterior_finding
 from perceptcore.plugins import hookimpl
 
 COLUMNS = ("observer", "subgroup", "severity", "ks_mean", "ks_sd", "delta_mean", "delta_sd", "p_lower",
@@ -69,12 +69,6 @@ def study_mean_ks(study, observer: str, grouping) -> np.ndarray:
     return per_study[key]
 
 
-def effect_finding(draws: np.ndarray, alpha: float, margin: float) -> str:
-    """findings.finding for posterior draws of an effect whose 0 means "no change"."""
-    return finding(float(np.mean(draws >= 0)), float(np.mean(draws <= 0)), alpha, 0.0,
-                   float(np.mean(np.abs(draws) >= margin)))
-
-
 class BayesianSeparability:
     uses_posterior = True  # the core may fit every posterior up front, in parallel
     name = "bayesian_separability"
@@ -95,7 +89,7 @@ class BayesianSeparability:
                         delta = ks[:, s, k] - ks[:, 0, k]
                         rows.append(row + (delta.mean(), delta.std(ddof=1), np.mean(delta < 0),
                                            np.mean(np.abs(delta) >= margin),
-                                           effect_finding(delta, study.alpha, margin)))
+                                           posterior_finding(delta, study.alpha, margin)))
         return {"bayesian_separability": pd.DataFrame(rows, columns=COLUMNS)}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from perceptcore.findings import finding
+from perceptcore.findings import posterior_finding
 from perceptcore.latent_model import normal_tail_above_zero
 from perceptcore.plugins import hookimpl
 
@@ -32,11 +32,12 @@ class PredictiveConfidence:
                     g = grouping.group_names.index(subgroup)
                     mean = gamma[:, 1:, g].mean(axis=0)
                     sd = gamma[:, 1:, g].std(axis=0, ddof=1)
-                    # As published: P(gamma > 0) from a normal approximation of the posterior.
+                    # As published: P(gamma > 0) from a normal approximation of the posterior. The
+                    # finding counts the draws themselves, as every posterior finding does.
                     p = normal_tail_above_zero(mean, sd)
                     outside = (abs(gamma[:, 1:, g]) >= margin).mean(axis=0)
                     for s, label in enumerate(study.severities[1:]):
-                        found = finding(p[s], 1 - p[s], study.alpha, p_outside_margin=outside[s])
+                        found = posterior_finding(gamma[:, 1 + s, g], study.alpha, margin)
                         rows.append((observer, subgroup, label, mean[s], sd[s], p[s], outside[s], found))
         return {"predictive_confidence": pd.DataFrame(rows, columns=COLUMNS)}
 

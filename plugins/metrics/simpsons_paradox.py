@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from perceptcore.errors import PerceptcoreError
-from perceptcore.findings import CHANGED, LOWERED, RAISED, UNCHANGED, finding
+from perceptcore.findings import CHANGED, LOWERED, RAISED, UNCHANGED, finding, posterior_finding
 from perceptcore.plugins import hookimpl
-from perceptcore_plugins.metrics.bayesian_separability import effect_finding, study_mean_ks
+from perceptcore_plugins.metrics.bayesian_separability import study_mean_ks
 
 COLUMNS = ("observer", "analysis", "subgroup", "merged_subgroup", "severities", "severity", "split_finding",
            "merged_finding", "p_differ", "p_threshold", "differs")
@@ -41,13 +41,13 @@ def check(split: dict, merged: np.ndarray, alpha: float, margin: float) -> dict:
     """
     n_sev, n_pairs = merged.shape[1], len(split) * (len(split) - 1) // 2
     level = alpha / (n_sev * n_pairs)
-    merged_found = [effect_finding(merged[:, s], alpha, margin) for s in range(n_sev)]
+    merged_found = [posterior_finding(merged[:, s], alpha, margin) for s in range(n_sev)]
     result = {}
     for name, mine in split.items():
         others = [effect for other, effect in split.items() if other != name]
         found, p_differ, flagged = [], [], []
         for s in range(n_sev):
-            found.append(effect_finding(mine[:, s], alpha, margin))
+            found.append(posterior_finding(mine[:, s], alpha, margin))
             p, differs = np.nan, False
             if merged_found[s] in CHANGED:
                 # Turned so that the merged direction reads "lowered": B's effect beyond A's is B - A < 0.
@@ -83,7 +83,7 @@ class SimpsonsParadox:
         rows = []
         for observer in study.observers:
             for analysis, margin, effects in (("predictive_confidence", margins.gamma, _gamma_effects),
-                                              ("class_separability", margins.ks, _separability_effects)):
+                                              ("bayesian_separability", margins.ks, _separability_effects)):
                 split = effects(study, observer, split_grouping)
                 merged = effects(study, observer, merged_grouping)[merged_name]
                 for subgroup, r in check(split, merged, study.alpha, margin).items():
