@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from simulate import paradox_flags, ramp, simulate_subgroup_study  # noqa: E402
 
+from perceptcore.findings import CHANGED  # noqa: E402
 from perceptcore.latent_model import FitSettings  # noqa: E402
 from perceptcore.spec import AnalysesSection  # noqa: E402
 from perceptcore.plugins import load_registry  # noqa: E402
@@ -64,6 +65,9 @@ def one_study(task: tuple) -> tuple:
     analyses = AnalysesSection()
     result = paradox_flags(torch_backend(), settings, split, merged, positive, analyses.alpha, analyses.margins)
     flags = {a: {s: any(r["flagged"]) for s, r in per.items()} for a, per in result.items()}
+    # The paradox's premise: the merged group looks sensitive (its effect changed at some severity).
+    for a, per in result.items():
+        flags[a]["premise"] = any(f in CHANGED for f in per[INVARIANT]["merged"])
     return name, flags, time.process_time() - started
 
 
@@ -80,8 +84,12 @@ def run(n_studies: dict, design: str, method: str, null_low: float, n_others: in
         for done, (name, flags, cpu) in enumerate(pool.map(one_study, tasks), 1):
             counts["cpu"] += cpu
             for analysis, flagged in flags.items():
-                tally = counts[name].setdefault(analysis, {"any": 0, SENSITIVE: 0, INVARIANT: 0})
+                tally = counts[name].setdefault(analysis, {"any": 0, SENSITIVE: 0, INVARIANT: 0, "premise": 0,
+                                                           "premise_flagged": 0})
+                premise = flagged.pop("premise")
                 tally["any"] += any(flagged.values())
+                tally["premise"] += premise
+                tally["premise_flagged"] += premise and flagged[INVARIANT]
                 for s, f in flagged.items():
                     tally[s] += f
             if done % 20 == 0:
@@ -129,6 +137,11 @@ def main() -> None:
         lo, hi = interval(paradox[INVARIANT], n)
         print(f"{analysis}: paradox: {INVARIANT} flagged {paradox[INVARIANT]}/{n} = {paradox[INVARIANT] / n:.3f} "
               f"[95 % CI {lo:.3f}, {hi:.3f}] (claim >= 0.8); {SENSITIVE} wrongly flagged {paradox[SENSITIVE]}/{n}")
+        k, m = paradox["premise_flagged"], paradox["premise"]
+        if m:
+            lo, hi = interval(k, m)
+            print(f"{analysis}: paradox, among the {m} studies whose merged effect changed at some severity (the "
+                  f"paradox's premise): flagged {k}/{m} = {k / m:.3f} [95 % CI {lo:.3f}, {hi:.3f}]")
     total = sum(studies.values())
     print(f"{total} studies, {2 * total} fits in {seconds:.0f} s wall with {args.workers} workers, "
           f"{counts['cpu'] / total:.1f} CPU s per study")

@@ -468,6 +468,19 @@ def _separability_text(ctx, t, what, n) -> str:
     return f"{_finding_text(ctx, t, what, evidence, n)}; {span}"
 
 
+def _bayesian_separability_text(ctx, t, what, n) -> str:
+    a2 = ctx.alpha / 2
+    first, last = t.iloc[0], t.iloc[-1]
+    span = (f"mean KS {_num(first['ks_mean'])} ± {_num(first['ks_sd'])} at {ctx.sev(first['severity'])}, "
+            f"{_num(last['ks_mean'])} ± {_num(last['ks_sd'])} at {ctx.sev(last['severity'])} (posterior mean ± sd)")
+    evidence = {LOWERED: f" (P(Δ ≥ 0) < {a2:g}, Δ the change of the mean KS from the reference)",
+                RAISED: f" (P(Δ ≤ 0) < {a2:g})",
+                UNCHANGED: f" (|Δ| < {ctx.study.spec.analyses.margins.ks:g} with posterior probability ≥ "
+                           f"{1 - ctx.alpha:g})",
+                NO_CHANGE: " (neither direction credible, nor within the margin)"}
+    return f"{_finding_text(ctx, t, what, evidence, n)}; {span}"
+
+
 def _changes(ctx, t) -> str:
     """Where the rows' findings say the perturbation changed it: for comparing two tables."""
     parts = [f"{found} {_where(ctx, _at(t, found))}" for found in CHANGED if _at(t, found)]
@@ -476,15 +489,21 @@ def _changes(ctx, t) -> str:
 
 def _separability_sentences(ctx) -> list:
     out = []
+    # The modelled separability is stated from its posterior (bayesian_separability) where that analysis
+    # ran; the published posterior-predictive KS test is then kept in the tables and figures, for
+    # reproducing the papers, but stated nowhere, so no two sentences judge the same thing differently.
+    bayesian = "bayesian_separability" in ctx.tables
     for subgroup in ctx.split + ((ctx.merged,) if ctx.merged else ()):
         for observer in ctx.colour:
-            modelled = ctx.rows("class_separability", observer=observer, subgroup=subgroup)
+            modelled = ctx.rows("bayesian_separability" if bayesian else "class_separability", observer=observer,
+                                subgroup=subgroup)
             observed = ctx.rows("class_separability_observed", observer=observer, subgroup=subgroup)
             shaky = (observer, ctx.grouping_of(subgroup)) in ctx.unreliable
             n = _n_observers(ctx, observer)
             if not modelled.empty:
                 what = ("posterior-predictive " if not observed.empty else "") + "class separability"
-                out.append((f"{observer}, {subgroup}: {_separability_text(ctx, modelled, what, n)}.", shaky))
+                text = (_bayesian_separability_text if bayesian else _separability_text)(ctx, modelled, what, n)
+                out.append((f"{observer}, {subgroup}: {text}.", shaky))
             if not observed.empty:
                 text = _separability_text(ctx, observed, "class separability of the observed predictions", n)
                 out.append((f"{observer}, {subgroup}: {text}.", False))
@@ -611,7 +630,12 @@ def _html(ctx, figures) -> str:
                  f"{ctx.alpha / 2:g}. Predictive confidence is lowered where P(γ &gt; 0 | data) &lt; α/2, raised "
                  "where it is &gt; 1 − α/2, and unchanged where |γ| is within the equivalence margin with posterior "
                  "probability ≥ 1 − α; "
-                 "class separability is lowered or raised where the one-tailed KS test against the reference "
+                 + ("the latent model's class separability is judged the same way on the posterior of its change "
+                    "Δ (table <code>bayesian_separability</code>; the published posterior-predictive KS test stays "
+                    "in <code>class_separability</code>, for reproduction); " if "bayesian_separability" in ctx.tables
+                    else "")
+                 + "the separability of observed predictions (and of the latent model's, without a posterior "
+                 "analysis) is lowered or raised where the one-tailed KS test against the reference "
                  "severity in that direction gives p &lt; α/2. Where the number of observers cannot give a KS "
                  "p-value that small, a change cannot be detected, and the report says so. The tables' "
                  "<code>finding</code> column holds the same findings.</p>")
