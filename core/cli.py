@@ -15,23 +15,28 @@ from .errors import PerceptcoreError
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="perceptcore", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"perceptcore {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a study spec and write its results")
-    run.add_argument("spec")
+    run.add_argument("spec", help="the study spec (YAML)")
     run.add_argument("--out", help="output folder (default: outputs.dir of the spec, else ./perceptcore-runs/<study>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data")
+                     help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data (repeatable)")
 
     validate = commands.add_parser("validate", help="check a spec and its data without fitting anything")
-    validate.add_argument("spec")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("spec", help="the study spec (YAML)")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data (repeatable)")
 
     train = commands.add_parser("train", help="train the spec's `training` models (run trains them too)")
-    train.add_argument("spec")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("spec", help="the study spec (YAML)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data (repeatable)")
 
     commands.add_parser("plugins", help="list the loaded plugins")
 
@@ -42,9 +47,9 @@ def main(argv=None) -> int:
     design.add_argument("--severities", required=True, nargs="+", help="severity levels, the unperturbed one first")
     design.add_argument("--scheme", default="uniform", help="uniform (a random severity per reader and exam, as "
                         "published) or balanced (each reader sees each severity equally often)")
-    design.add_argument("--seed", type=int, default=0)
-    design.add_argument("--exam-column", default="exam")
-    design.add_argument("--case-column", default="case")
+    design.add_argument("--seed", type=int, default=0, help="seed of the assignment and reading order")
+    design.add_argument("--exam-column", default="exam", help="the cases table's exam column")
+    design.add_argument("--case-column", default="case", help="the cases table's case column")
     design.add_argument("--out", required=True, help="folder for assignment.csv, exams.csv and worksheets/")
     design.add_argument("--images", metavar="MANIFEST", help="also write each reader's perturbed images, in reading "
                         "order, from this image manifest")
@@ -55,7 +60,8 @@ def main(argv=None) -> int:
     reads = commands.add_parser("import-reads", help="turn filled worksheets into a tidy prediction table")
     reads.add_argument("design", help="the folder design-reader-study wrote")
     reads.add_argument("worksheets", nargs="+", help="filled worksheet CSVs")
-    reads.add_argument("--calls", default="binary", choices=("binary", "probability"))
+    reads.add_argument("--calls", default="binary", choices=("binary", "probability"),
+                       help="0/1 calls or probabilities in [0, 1]")
     reads.add_argument("--out", required=True, help="the prediction table to write (CSV)")
 
     args = parser.parse_args(argv)

@@ -436,6 +436,8 @@ class Study:
             "method": self.spec.model.method,
             "seed": self.spec.fit_seed,
             "parameterisations": list(self.spec.model.parameterisations),
+            # Each fit runs on one torch thread; this many fit at once.
+            "fit_workers": min(self.spec.model.workers or os.cpu_count() or 1, max(len(self._fits), 1)),
             "all_fits_converged": bool(fits["converged"].all()) if len(fits) else True,
         }
 
@@ -457,7 +459,7 @@ def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
     try:
         files = []
         manifest = {"study": spec.study.name, "spec": spec.source, "perceptcore": __version__,
-                    "python": platform.python_version(), "seed": spec.study.seed}
+                    "python": platform.python_version(), "seed": spec.study.seed, "environment": environment()}
         for part in parts:
             files += part.write_into(staging)
             manifest.update(part.manifest())
@@ -471,6 +473,43 @@ def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+# Every package whose version can change a number of the run.
+NUMERIC_PACKAGES = ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy", "matplotlib")
+
+
+def environment(registry: Registry | None = None) -> dict:
+    """What a run's numbers depend on besides its inputs: package versions (CmdStan's where installed),
+    the plugins' packages, the platform and the thread counts."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        import logging
+
+        import cmdstanpy
+
+        logging.getLogger("cmdstanpy").setLevel(logging.WARNING)  # "no CmdStan found" is not news here
+        installed = cmdstanpy.cmdstan_version()
+        versions["cmdstan"] = ".".join(map(str, installed)) if installed else None
+    except Exception:  # CmdStan absent or unreadable: nothing ran on it
+        versions["cmdstan"] = None
+    if registry is None:
+        from .plugins import load_registry
+
+        registry = load_registry()
+    plugins = {item.package: item.version for item in registry.all()}
+    return {"packages": versions, "plugin_packages": dict(sorted(plugins.items())),
+            "platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def _one_model_per_severity(spec: Spec, observer) -> bool:

@@ -30,14 +30,20 @@ def dense_soft_study(seed=6, n_cases=120, readers=4, severities=5):
     return simulate_study(np.random.default_rng(seed), n_cases, readers, severities, 2, True, gamma_scale=0.8)[0]
 
 
-def brute_force_log_marginal(data, group: int, psi: np.ndarray) -> float:
-    """log p(psi, y) of one subgroup with mu integrated out by scipy's adaptive quadrature, from the model's
-    definition (random-walk prior on gamma's increments, N(0, 1) priors)."""
+def shared_parameters(data, psi: np.ndarray) -> tuple:
+    """b, gamma (with its zero reference), nu of one subgroup's psi, and their log prior density from the
+    model's definition (random-walk prior on gamma's increments or on its levels, N(0, 1) priors)."""
     S = data.n_severities
     b, levels, nu = psi[0], psi[1:S], psi[S:]
     gamma = np.concatenate([[0.0], levels])
-    increments = np.diff(np.concatenate([[0.0], levels])) if data.parameterisation == "random_walk" else levels
-    total = stats.norm.logpdf(b) + stats.norm.logpdf(increments).sum() + stats.norm.logpdf(nu).sum()
+    increments = np.diff(gamma) if data.parameterisation == "random_walk" else levels
+    log_prior = stats.norm.logpdf(b) + stats.norm.logpdf(increments).sum() + stats.norm.logpdf(nu).sum()
+    return b, gamma, nu, float(log_prior)
+
+
+def brute_force_log_marginal(data, group: int, psi: np.ndarray) -> float:
+    """log p(psi, y) of one subgroup with mu integrated out by scipy's adaptive quadrature."""
+    b, gamma, nu, total = shared_parameters(data, psi)
     y = data.prediction if data.soft else np.round(data.prediction)
     for n in np.flatnonzero(data.case_group == group):
         m = data.case == n
@@ -57,11 +63,7 @@ def brute_force_log_marginal(data, group: int, psi: np.ndarray) -> float:
 def prior_quadrature_log_marginal(data, group: int, psi: np.ndarray, nodes: int = 80) -> float:
     """The same integral by a fixed Gauss-Hermite rule against mu's N(0, 1) prior (not adaptive, vectorised):
     a second independent computation, fast enough to evaluate on a grid of psi."""
-    S = data.n_severities
-    b, levels, nu = psi[0], psi[1:S], psi[S:]
-    gamma = np.concatenate([[0.0], levels])
-    increments = np.diff(np.concatenate([[0.0], levels])) if data.parameterisation == "random_walk" else levels
-    total = stats.norm.logpdf(b) + stats.norm.logpdf(increments).sum() + stats.norm.logpdf(nu).sum()
+    b, gamma, nu, total = shared_parameters(data, psi)
     y = data.prediction if data.soft else np.round(data.prediction)
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     members = data.case_group[data.case] == group
@@ -73,9 +75,10 @@ def prior_quadrature_log_marginal(data, group: int, psi: np.ndarray, nodes: int 
     return float(total + np.sum(np.logaddexp.reduce(per_case + np.log(w / w.sum())[:, None], axis=0)))
 
 
+@pytest.mark.parametrize("parameterisation", ["random_walk", "independent"])
 @pytest.mark.parametrize("make", [sparse_binary_study, dense_soft_study], ids=["sparse-binary", "dense-soft"])
-def test_collapsed_density_is_the_brute_force_integral(make):
-    data = make(n_cases=40)
+def test_collapsed_density_is_the_brute_force_integral(make, parameterisation):
+    data = make(n_cases=40).with_parameterisation(parameterisation)
     block = _laplace.Block(data, 1)
     assert block.dense == (make is dense_soft_study)
     psi_hat, mu_hat, precision = block.mode()

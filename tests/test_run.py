@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import arviz as az
 import numpy as np
@@ -136,3 +137,33 @@ def test_posterior_file_is_arviz_data_that_az_summary_reads(first_run):
     observed = idata.observed_data
     assert observed["prediction"].sizes["observation"] == len(observed.obs_reader)
     assert set(np.unique(observed["prediction"].values)) <= {0.0, 1.0}
+
+
+def test_run_json_records_what_can_change_a_number(first_run):
+    from importlib import metadata
+
+    import torch
+
+    environment = json.loads((first_run / "run.json").read_text())["environment"]
+    for name in ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy"):
+        assert environment["packages"][name] == metadata.version(name)
+    assert "cmdstan" in environment["packages"]  # None where CmdStan is not installed
+    assert environment["plugin_packages"]["perceptcore"] == metadata.version("perceptcore")
+    assert environment["cpu_count"] == os.cpu_count() and environment["torch_threads"] == torch.get_num_threads()
+
+
+def test_version_and_help_on_every_argument(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"perceptcore {metadata.version('perceptcore')}"
+    for command in ("run", "validate", "train", "design-reader-study", "import-reads"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        arguments = [line for line in lines if line.startswith("  ") and not line.startswith("   ")]
+        # Every argument line (positional or option) carries its help text on the same or the next line.
+        for i, line in enumerate(lines):
+            if line in arguments and len(line.split("  ")) < 3 and line.strip() != "-h, --help":
+                assert i + 1 < len(lines) and lines[i + 1].startswith("      "), (command, line)
