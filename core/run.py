@@ -479,7 +479,7 @@ def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
 NUMERIC_PACKAGES = ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy", "matplotlib")
 
 
-def environment(registry: Registry | None = None) -> dict:
+def environment() -> dict:
     """What a run's numbers depend on besides its inputs: package versions (CmdStan's where installed),
     the plugins' packages, the platform and the thread counts."""
     from importlib import metadata
@@ -502,11 +502,9 @@ def environment(registry: Registry | None = None) -> dict:
         versions["cmdstan"] = ".".join(map(str, installed)) if installed else None
     except Exception:  # CmdStan absent or unreadable: nothing ran on it
         versions["cmdstan"] = None
-    if registry is None:
-        from .plugins import load_registry
+    from .plugins import load_registry
 
-        registry = load_registry()
-    plugins = {item.package: item.version for item in registry.all()}
+    plugins = {item.package: item.version for item in load_registry().all()}
     return {"packages": versions, "plugin_packages": dict(sorted(plugins.items())),
             "platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}

@@ -79,7 +79,7 @@ def prior_quadrature_log_marginal(data, group: int, psi: np.ndarray, nodes: int 
 @pytest.mark.parametrize("make", [sparse_binary_study, dense_soft_study], ids=["sparse-binary", "dense-soft"])
 def test_collapsed_density_is_the_brute_force_integral(make, parameterisation):
     data = make(n_cases=40).with_parameterisation(parameterisation)
-    block = _laplace.Block(data, 1)
+    block = _laplace.Block(data.only_subgroup(1))
     assert block.dense == (make is dense_soft_study)
     psi_hat, mu_hat, precision = block.mode()
     rng = np.random.default_rng(0)
@@ -93,7 +93,7 @@ def test_collapsed_density_is_the_brute_force_integral(make, parameterisation):
 
 def test_mode_is_where_the_brute_force_marginal_peaks():
     data = sparse_binary_study(n_cases=40)
-    block = _laplace.Block(data, 0)
+    block = _laplace.Block(data.only_subgroup(0))
     psi_hat, _, _ = block.mode()
     at_mode = prior_quadrature_log_marginal(data, 0, psi_hat.numpy())
     assert at_mode == pytest.approx(brute_force_log_marginal(data, 0, psi_hat.numpy()), abs=1e-6)
@@ -106,8 +106,8 @@ def test_mode_is_where_the_brute_force_marginal_peaks():
 
 def test_case_effect_draws_follow_their_exact_conditional():
     """mu | psi, y drawn by independence Metropolis has the conditional's mean and sd (by quadrature)."""
-    data = sparse_binary_study(n_cases=40)
-    block = _laplace.Block(data, 0)
+    data = sparse_binary_study(n_cases=40).only_subgroup(0)
+    block = _laplace.Block(data)
     psi_hat, mu_hat, _ = block.mode()
     gen = torch.Generator().manual_seed(3)
     psi = psi_hat.expand(4000, -1)
@@ -115,15 +115,15 @@ def test_case_effect_draws_follow_their_exact_conditional():
     y = np.round(data.prediction)
     S = data.n_severities
     b, gamma, nu = psi_hat[0].item(), np.concatenate([[0.0], psi_hat[1:S].numpy()]), psi_hat[S:].numpy()
-    for local, n in enumerate(block.cases[:6]):
+    for n in range(6):
         m = data.case == n
         shared = b + gamma[data.severity[m]] + nu[data.reader[m]]
         density = lambda mu: math.exp(np.sum(y[m] * (mu + shared) - np.logaddexp(0, mu + shared)) - mu * mu / 2)  # noqa: E731
         z = integrate.quad(density, -12, 12)[0]
         mean = integrate.quad(lambda mu: mu * density(mu), -12, 12)[0] / z
         sd = math.sqrt(integrate.quad(lambda mu: (mu - mean) ** 2 * density(mu), -12, 12)[0] / z)
-        assert draws[:, local].mean() == pytest.approx(mean, abs=5 * sd / math.sqrt(4000))
-        assert draws[:, local].std() == pytest.approx(sd, rel=0.06)
+        assert draws[:, n].mean() == pytest.approx(mean, abs=5 * sd / math.sqrt(4000))
+        assert draws[:, n].std() == pytest.approx(sd, rel=0.06)
 
 
 def test_fit_shapes_determinism_and_diagnostic():
@@ -153,7 +153,7 @@ def test_log_evidence_matches_brute_force_for_one_reader():
     integral; importance sampling's estimate of it is within its Monte Carlo error."""
     data = simulate_study(np.random.default_rng(2), 12, 1, 2, 1, False, sparse=False)[0]
     fit = TorchBackend().fit(data, FitSettings(seed=0, draws=2000))
-    block = _laplace.Block(data, 0)
+    block = _laplace.Block(data.only_subgroup(0))
     psi_hat, _, precision = block.mode()
     # psi = (b, gamma[1], nu[0]): a 3-D integral of the brute-force marginal on a Gauss-Hermite product grid.
     sd = torch.linalg.inv(precision).diagonal().sqrt().numpy()

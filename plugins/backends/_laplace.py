@@ -48,23 +48,19 @@ class Block:
     psi = [b, gamma[1], ..., gamma[S-1], nu[0], ..., nu[R-1]] (this subgroup's).
     """
 
-    def __init__(self, data, group: int):
+    def __init__(self, data):
+        """data: one subgroup's predictions (LatentModelData.only_subgroup)."""
         S, R = data.n_severities, data.n_readers
-        self.S, self.R = S, R
-        self.cases = np.flatnonzero(np.asarray(data.case_group) == group)
-        self.N = len(self.cases)
-        local = np.full(data.n_cases, -1)
-        local[self.cases] = np.arange(self.N)
-        keep = np.asarray(data.case_group)[np.asarray(data.case)] == group
-        as_index = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64)[keep])  # noqa: E731
-        self.case = torch.as_tensor(local[np.asarray(data.case)[keep]].astype(np.int64))
+        self.S, self.R, self.N = S, R, data.n_cases
+        as_index = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+        self.case = as_index(data.case)
         s, r = as_index(data.severity), as_index(data.reader)
         self.P = S + R
         # Positions of each prediction's gamma level and nu in psi (b is at 0); the reference severity
         # points at an extra zero appended to psi.
         self.gamma_pos = torch.where(s > 0, s, torch.full_like(s, self.P))
         self.nu_pos = S + r
-        z = torch.as_tensor(np.asarray(data.prediction, dtype=np.float64)[keep])
+        z = torch.as_tensor(np.asarray(data.prediction, dtype=np.float64))
         self.z = z if data.soft else torch.round(z)
         self.random_walk = data.parameterisation == "random_walk"
         pr = data.priors
@@ -383,7 +379,8 @@ def fit(data, draws: int, max_proposals: int, seed: int, progress) -> dict:
            "nu": np.zeros((draws, R, G))}
     blocks = []
     for g in range(G):
-        block = Block(data, g)
+        cases = np.flatnonzero(np.asarray(data.case_group) == g)
+        block = Block(data.only_subgroup(g))
         # Its own seed per subgroup: a block's draws do not depend on the other blocks.
         gen = torch.Generator().manual_seed(int(seed) * 1009 + g)
         if block.N == 0:  # no data: the posterior is the prior
@@ -400,7 +397,7 @@ def fit(data, draws: int, max_proposals: int, seed: int, progress) -> dict:
         out["b"][:, g] = psi[:, 0]
         out["gamma"][:, 1:, g] = psi[:, 1:S]
         out["nu"][:, :, g] = psi[:, S:]
-        out["mu"][:, block.cases] = result["mu"].numpy()
+        out["mu"][:, cases] = result["mu"].numpy()
         blocks.append({"group": g, "cases": block.N, **{k: v for k, v in result.items() if k not in ("psi", "mu")}})
     # The blocks are independent, so log p(y) is the sum of theirs.
     return {"draws": out, "blocks": blocks, "log_evidence": float(sum(b["log_evidence"] for b in blocks))}
