@@ -21,7 +21,6 @@ RAISED = "raised"
 UNCHANGED = "unchanged"
 NO_CHANGE = "no detectable change"
 UNDETECTABLE = "cannot be detected"
-FINDINGS = (LOWERED, RAISED, UNCHANGED, NO_CHANGE, UNDETECTABLE)
 CHANGED = (LOWERED, RAISED)
 
 
