@@ -109,11 +109,17 @@ class FitSettings:
     seed: int = 0
     # Variational inference: stop when the relative change of the smoothed ELBO
     # stays below `tolerance` (see the backend's convergence_note), or at max_iterations.
+    # `tolerance` is the torch ADVI's rule; CmdStan's ADVI has a rule of its own, with its own
+    # scale, and keeps Stan's default (tol_rel_obj 0.01) unless `stan_tol_rel_obj` is given.
     max_iterations: int = 20000
     tolerance: float = 1e-4
-    # NUTS
+    stan_tol_rel_obj: float | None = None
+    # NUTS: `chains` chains of `draws` draws each
     chains: int = 4
     warmup: int = 1000
+    # CPU cores this one fit may use; a run fitting several at once gives each its share.
+    # None: every core when fitted in the main process, one in a worker process.
+    cores: int | None = None
 
 
 @attrs.frozen(eq=False)

@@ -110,9 +110,14 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = ()) -> Registry:
     pm = pluggy.PluginManager("perceptcore")
     pm.add_hookspecs(HookSpecs)
     origin: dict[str, tuple[str, str]] = {}
+    declared: dict[str, str] = {}  # plugin name -> the entry point's target
     for ep, dist in _entry_points():
-        if pm.has_plugin(ep.name):
-            continue
+        if ep.name in origin:  # which of the two loaded would depend on the order of sys.path
+            raise PerceptcoreError(
+                f"plugin name {ep.name!r} is declared by both package {origin[ep.name][0]} {origin[ep.name][1]} "
+                f"({declared[ep.name]}) and package {dist[0]} {dist[1]} ({ep.value}); uninstall one of them",
+                "plugins",
+            )
         try:
             module = ep.load()
         except Exception as exc:  # a broken third-party plugin must not look like our bug
@@ -122,7 +127,7 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = ()) -> Registry:
                 "plugins",
             ) from exc
         _register_plugin(pm, ep.name, module)
-        origin[ep.name] = dist
+        origin[ep.name], declared[ep.name] = dist, ep.value
     for name, plugin in extra_plugins:
         _register_plugin(pm, name, plugin)
         origin.setdefault(name, ("(registered directly)", ""))
@@ -175,14 +180,17 @@ def _register_callback(registry, kind, required, plugin_name, package, version):
 
 
 def _entry_points():
-    """(entry point, (distribution name, version)) for the group, each once."""
+    """(entry point, (distribution name, version)) for the group, each distribution once.
+
+    A distribution visible twice on sys.path (an editable install beside a build, say) counts
+    once, its first copy, as for imports; two distributions may not declare one name.
+    """
     seen = set()
     for dist in metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()  # PEP 503 normalised
+        if name in seen:
+            continue
+        seen.add(name)
         for ep in dist.entry_points:
-            if ep.group != ENTRY_POINT_GROUP:
-                continue
-            key = (ep.name, ep.value)
-            if key in seen:  # the same distribution visible twice on sys.path
-                continue
-            seen.add(key)
-            yield ep, (dist.metadata["Name"], dist.version)
+            if ep.group == ENTRY_POINT_GROUP:
+                yield ep, (dist.metadata["Name"], dist.version)

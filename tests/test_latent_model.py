@@ -333,7 +333,7 @@ def test_stan_backend_agrees_with_torch(small):
         pytest.skip(reason)
     data = small["soft"][0]
     reference = TorchBackend().fit(data, FitSettings(method="advi", seed=1))
-    nuts = backend.fit(data, FitSettings(method="nuts", chains=2, warmup=1000, draws=2000, seed=1), print)
+    nuts = backend.fit(data, FitSettings(method="nuts", chains=2, warmup=1000, draws=1000, seed=1), print)
     assert nuts.draws["gamma"].shape == (2000, 4, 2) and nuts.draws["nu"].shape == (2000, 4, 2)
     np.testing.assert_array_equal(nuts.draws["gamma"][:, 0, :], 0.0)
     assert nuts.diagnostics["max_rhat"] < 1.05 and nuts.diagnostics["divergences"] == 0

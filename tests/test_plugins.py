@@ -228,6 +228,46 @@ def test_same_plugin_name_twice_is_an_error():
     assert info.value.where == "plugin 'same'"
 
 
+def install_fake_distribution(folder: Path, name: str, version: str, entry_points: dict) -> None:
+    """A distribution's metadata (dist-info) and modules in `folder`, as pip would leave them."""
+    info = folder / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = [f"{plugin} = {target}" for plugin, target in entry_points.items()]
+    (info / "entry_points.txt").write_text("[perceptcore]\n" + "\n".join(lines) + "\n")
+    for target in entry_points.values():
+        (folder / f"{target}.py").write_text('"""A plugin module registering nothing."""\n')
+
+
+def test_two_packages_declaring_one_plugin_name_is_an_error_naming_both(tmp_path, monkeypatch):
+    """Not a silent drop of whichever comes second on sys.path."""
+    install_fake_distribution(tmp_path, "acme-subgroups", "1.2.0", {"lesion_types": "acme_lesion_types"})
+    install_fake_distribution(tmp_path, "other-subgroups", "0.3.1", {"lesion_types": "other_lesion_types"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PerceptcoreError) as info:
+        load_registry()
+    message = info.value.message
+    assert info.value.where == "plugins"
+    assert "plugin name 'lesion_types' is declared by both" in message
+    assert "acme-subgroups 1.2.0 (acme_lesion_types)" in message and "other-subgroups 0.3.1 (other_lesion_types)" in message
+
+
+def test_a_plugin_name_taken_by_the_bundled_plugins_is_an_error(tmp_path, monkeypatch):
+    install_fake_distribution(tmp_path, "copycat-metrics", "0.1.0", {"ks_separability": "copycat_ks"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PerceptcoreError, match=r"'ks_separability' is declared by both package perceptcore .*"
+                                               r"and package copycat-metrics 0\.1\.0 \(copycat_ks\)|"
+                                               r"'ks_separability' is declared by both package copycat-metrics"):
+        load_registry()
+
+
+def test_one_distribution_seen_twice_on_sys_path_is_loaded_once(tmp_path, monkeypatch):
+    for copy in ("first", "second"):
+        install_fake_distribution(tmp_path / copy, "acme-subgroups", "1.2.0", {"lesion_types": "acme_lesion_types"})
+        monkeypatch.syspath_prepend(str(tmp_path / copy))
+    load_registry()  # no error: the same package, twice visible
+
+
 def test_unknown_name_lists_what_exists_and_suggests():
     registry = load_registry()
     with pytest.raises(PerceptcoreError) as info:

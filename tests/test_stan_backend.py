@@ -1,9 +1,11 @@
-"""The CmdStan backend's `laplace` method: the mode, CmdStan's Laplace draws, and their Pareto-smoothed
-importance-sampling correction.
+"""The CmdStan backend: `laplace` (the mode, CmdStan's Laplace draws, and their Pareto-smoothed
+importance-sampling correction), `pathfinder`, `advi` and `nuts` with their diagnostics, and the
+compiled model's cache.
 
 CmdStan itself is not needed for most of these: a stand-in model writes the Stan CSV files CmdStan would
 (`optimize`, then `laplace` with its `log_p__` and `log_q__` columns and the variables in Stan's column
-names and order), and cmdstanpy reads them with `from_csv`, so the backend sees real cmdstanpy objects.
+names and order; `pathfinder`, `variational` with its console output, one `sample` file per chain), and
+cmdstanpy reads them with `from_csv`, so the backend sees real cmdstanpy objects.
 The stand-in's proposals are CmdStan's: theta_hat + L^-T z with L L' the negative Hessian of the model
 at theta_hat (computed here with torch autograd, independently of the backend) and log_q__ = -z'z / 2.
 What varies between tests is the target, log_p__, a Gaussian with a known normalising constant.
@@ -12,6 +14,9 @@ What varies between tests is the target, log_p__, a Gaussian with a known normal
 from __future__ import annotations
 
 import math
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,11 +87,13 @@ def stan_values(theta: np.ndarray, data) -> np.ndarray:
     return np.concatenate([theta, gamma.transpose(0, 2, 1).reshape(theta.shape[0], -1)], axis=1)
 
 
-def write_stan_csv(path, config: list, header: list, rows: np.ndarray) -> None:
+def write_stan_csv(path, config: list, header: list, rows: np.ndarray, after_header=(), footer=()) -> None:
     lines = ["# stan_version_major = 2", "# stan_version_minor = 36", "# stan_version_patch = 0",
              "# model = latent_model_model", *config]
     lines.append(",".join(header))
+    lines += list(after_header)  # e.g. the sampler's adaptation block
     lines += [",".join(f"{v:.9g}" for v in row) for row in rows]
+    lines += list(footer)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -111,6 +118,8 @@ class StandIn:
         self.q_column = q_column
         self.chol = np.linalg.cholesky(negative_hessian(theta_hat, data))
         self.calls = {}
+        self.one_point = False  # pathfinder: write one draw repeated
+        self.divergent = 0  # sample: divergent transitions in the first chain
 
     def optimize(self, data, seed, jacobian, **kwargs):
         import cmdstanpy
@@ -140,18 +149,121 @@ class StandIn:
         write_stan_csv(path, config, ["log_p__", self.q_column] + stan_header(self.data), rows)
         return cmdstanpy.from_csv(str(path), method="laplace")
 
+    def proposals(self, rng, n):
+        """n draws of the Laplace Gaussian: (z, theta, its normalised log density in theta)."""
+        z = rng.standard_normal((n, self.theta_hat.size))
+        theta = self.theta_hat + np.linalg.solve(self.chol.T, z.T).T
+        return z, theta, -0.5 * np.sum(z**2, axis=1) - self.log_normaliser()
+
+    def pathfinder(self, data, seed, num_paths=4, num_single_draws=None, draws=None, psis_resample=True, **kwargs):
+        """CmdStan's pathfinder, each path's approximation the Laplace Gaussian: with psis_resample (CmdStan's
+        default) `draws` resampled with replacement by their PSIS weights, else every path's draws."""
+        import arviz as az
+        import cmdstanpy
+
+        self.calls["pathfinder"] = {"num_paths": num_paths, "num_single_draws": num_single_draws, "draws": draws,
+                                    "psis_resample": psis_resample, "seed": seed}
+        rng = np.random.default_rng(seed + 54321)
+        z, theta, lp_approx = self.proposals(rng, num_paths * (num_single_draws or 1000))
+        lp = self.target(z)
+        keep = np.arange(len(z))
+        if psis_resample:
+            smoothed, _ = az.psislw(lp - lp_approx, reff=1.0)
+            weights = np.exp(smoothed - smoothed.max())
+            keep = rng.choice(len(z), size=draws or 1000, p=weights / weights.sum())
+        if self.one_point:  # the output the issue saw: one draw repeated (CmdStan's resampling at k-hat 9.9)
+            keep = np.zeros(len(keep), dtype=int)
+        rows = np.column_stack([lp_approx, lp, stan_values(theta, self.data)])[keep]
+        config = ["# method = pathfinder", "#   pathfinder", f"#     num_psis_draws = {draws or 1000}",
+                  f"#     num_paths = {num_paths}", f"#     psis_resample = {int(psis_resample)}",
+                  "#     calculate_lp = 1 (Default)", f"#     num_draws = {num_single_draws or 1000}"]
+        path = self.dir / "latent_model-pathfinder.csv"
+        write_stan_csv(path, config, ["lp_approx__", "lp__"] + stan_header(self.data), rows)
+        return cmdstanpy.from_csv(str(path), method="pathfinder")
+
+    # Stan ADVI's rule compares the relative ELBO change, each ELBO a 100-draw Monte Carlo estimate, with
+    # tol_rel_obj: the change falls as 0.5 / evaluation here, down to the estimates' noise, 0.003.
+    ADVI_NOISE = 0.003
+
+    def variational(self, data, seed, algorithm, iter, tol_rel_obj, draws, **kwargs):
+        """CmdStan's meanfield ADVI: its console table and verdict, then draws of the Laplace Gaussian."""
+        import cmdstanpy
+
+        self.calls["variational"] = {"iter": iter, "tol_rel_obj": tol_rel_obj, "draws": draws}
+        table, verdict = ["  iter             ELBO   delta_ELBO_mean   delta_ELBO_med   notes "], ""
+        for k, at in enumerate(range(100, iter + 1, 100), start=1):
+            change = max(0.5 / k, self.ADVI_NOISE)
+            done = change < tol_rel_obj
+            notes = "   MEAN ELBO CONVERGED   MEDIAN ELBO CONVERGED" if done else ""
+            table.append(f"{at:6d} {-2000 - 100 / k:16.3f} {change:17.3f} {change:16.3f}{notes}")
+            if done:
+                break
+        else:
+            verdict = ("Informational Message: The maximum number of iterations is reached! "
+                       "The algorithm may not have converged.")
+        rng = np.random.default_rng(seed + 999)
+        z, theta, _ = self.proposals(rng, draws)
+        rows = np.column_stack([np.zeros(draws), self.target(z), -0.5 * np.sum(z**2, axis=1), stan_values(theta, self.data)])
+        mean = np.concatenate([[0.0, 0.0, 0.0], stan_values(self.theta_hat[None], self.data)[0]])
+        config = ["# method = variational", "#   variational", f"#     algorithm = {algorithm}", f"#       {algorithm}",
+                  f"#     iter = {iter}", "#     grad_samples = 1 (Default)", "#     elbo_samples = 100 (Default)",
+                  "#     eta = 1 (Default)", "#     adapt", "#       engaged = 1 (Default)", "#       iter = 50 (Default)",
+                  f"#     tol_rel_obj = {tol_rel_obj:g}", "#     eval_elbo = 100 (Default)", f"#     output_samples = {draws}"]
+        path = self.dir / "latent_model-variational.csv"
+        write_stan_csv(path, config, ["lp__", "log_p__", "log_g__"] + stan_header(self.data),
+                       np.vstack([mean, rows]), after_header=["# Stepsize adaptation complete.", "# eta = 1"])
+        vb = cmdstanpy.from_csv(str(path), method="variational")
+        stdout = Path(vb.runset.stdout_files[0])
+        stdout.parent.mkdir(parents=True, exist_ok=True)
+        stdout.write_text("\n".join(["Begin eta adaptation.", "Success! Found best value [eta = 1] earlier than expected.",
+                                     "", "Begin stochastic gradient ascent.", *table, verdict, "",
+                                     f"Drawing a sample of size {draws} from the approximate posterior... ",
+                                     "COMPLETED."]) + "\n")
+        return vb
+
+    def sample(self, data, chains, parallel_chains, iter_warmup, iter_sampling, seed, **kwargs):
+        """CmdStan's NUTS: one CSV per chain of independent draws of the Laplace Gaussian, energies
+        independent too (E-BFMI 2), and `self.divergent` divergent transitions in the first chain."""
+        import cmdstanpy
+
+        self.calls["sample"] = {"chains": chains, "parallel_chains": parallel_chains, "iter_warmup": iter_warmup,
+                                "iter_sampling": iter_sampling}
+        rng = np.random.default_rng(seed + 777)
+        files = []
+        for chain in range(chains):
+            z, theta, _ = self.proposals(rng, iter_sampling)
+            divergent = np.zeros(iter_sampling)
+            divergent[: self.divergent if chain == 0 else 0] = 1
+            stats = [self.target(z), np.full(iter_sampling, 0.9), np.full(iter_sampling, 0.3), np.full(iter_sampling, 4),
+                     np.full(iter_sampling, 15), divergent, rng.normal(size=iter_sampling)]
+            config = ["# method = sample (Default)", "#   sample", f"#     num_samples = {iter_sampling}",
+                      f"#     num_warmup = {iter_warmup}", "#     save_warmup = false (Default)", "#     thin = 1 (Default)",
+                      "#     algorithm = hmc (Default)", "#       hmc", "#         engine = nuts (Default)",
+                      "#           nuts", "#             max_depth = 10 (Default)",
+                      "#         metric = diag_e (Default)", f"# id = {chain + 1}"]
+            adaptation = ["# Adaptation terminated", "# Step size = 0.3", "# Diagonal elements of inverse mass matrix:",
+                          "# " + ", ".join(["1"] * self.theta_hat.size)]
+            timing = ["# ", "#  Elapsed Time: 1 seconds (Warm-up)", "#                1 seconds (Sampling)",
+                      "#                2 seconds (Total)", "# "]
+            path = self.dir / f"latent_model-{chain + 1}.csv"
+            header = ["lp__", "accept_stat__", "stepsize__", "treedepth__", "n_leapfrog__", "divergent__", "energy__"]
+            write_stan_csv(path, config, header + stan_header(self.data),
+                           np.column_stack(stats + [stan_values(theta, self.data)]), adaptation, timing)
+            files.append(str(path))
+        return cmdstanpy.from_csv(files, method="sample")
+
     def log_normaliser(self) -> float:
         """log of the integral of exp(-z'z/2) over theta: the proposal's missing constant."""
         dim = self.theta_hat.size
         return 0.5 * dim * math.log(2 * math.pi) - float(np.sum(np.log(np.diag(self.chol))))
 
 
-def fit_with(monkeypatch, stand_in, draws=DRAWS, seed=3):
+def fit_with(monkeypatch, stand_in, draws=DRAWS, seed=3, method="laplace", **settings):
     import cmdstanpy
 
     monkeypatch.setattr(cmdstanpy, "cmdstan_path", lambda: "/nonexistent/cmdstan-2.36.0")
     monkeypatch.setattr(stan_backend_module, "_compiled_model", lambda progress: stand_in)
-    return StanBackend().fit(stand_in.data, FitSettings(method="laplace", draws=draws, seed=seed))
+    return StanBackend().fit(stand_in.data, FitSettings(method=method, draws=draws, seed=seed, **settings))
 
 
 def theta_of(fit, data) -> np.ndarray:
@@ -277,6 +389,183 @@ def test_unknown_normaliser_gives_no_evidence_estimate(monkeypatch, tmp_path, st
     assert math.isnan(fit.log_evidence) and fit.diagnostics["log_q_mismatch"] > 1.0
     assert "no estimate of log p(y)" in fit.convergence_note
     assert fit.converged and fit.diagnostics["pareto_k"] <= 0.5  # log_p__ == log_q__ up to rounding
+
+
+# ---------------------------------------------------------------- pathfinder, advi and nuts with the stand-in
+
+
+def test_pathfinder_keeps_every_paths_draws_and_judges_them_by_pareto_k(monkeypatch, tmp_path, study):
+    """A proposal close to the target: the backend asks for every path's draws, resamples them itself, trusts it."""
+    data, truth = study
+    u = np.zeros(theta_hat_of(truth).size)
+    u[[0, 5]] = [0.3, -0.2]
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum((z - u) ** 2, axis=1), tmp_path)
+    fit = fit_with(monkeypatch, stand_in, method="pathfinder")
+
+    assert stand_in.calls["pathfinder"]["psis_resample"] is False
+    assert stand_in.calls["pathfinder"]["num_paths"] * stand_in.calls["pathfinder"]["num_single_draws"] == 4000
+    assert fit.converged and fit.diagnostics["pareto_k"] <= 0.5
+    assert fit.diagnostics["proposals"] == 4000 and fit.n_draws == DRAWS
+    assert fit.diagnostics["distinct_draws"] > 0.5 * DRAWS
+    assert np.isfinite(fit.elbo) and "k-hat" in fit.convergence_note
+    assert fit.draws["gamma"].shape == (DRAWS, data.n_severities, data.n_groups)
+    z = (theta_of(fit, data) - stand_in.theta_hat) @ stand_in.chol  # the reweighting reaches the target
+    assert abs(z.mean(axis=0)[0] - 0.3) < 0.15
+
+
+def test_pathfinder_whose_paths_miss_the_posterior_is_not_converged(monkeypatch, tmp_path, study):
+    """A target twice as wide as the paths' approximation: CmdStan's own resampling would give a few draws
+    repeated (finite ELBO, once called converged); the backend's k-hat is far above 0.7."""
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1) / 4.0, tmp_path)
+    fit = fit_with(monkeypatch, stand_in, method="pathfinder")
+
+    assert fit.converged is False
+    assert fit.diagnostics["pareto_k"] > 0.7 and fit.diagnostics["importance_ess"] < 100
+    assert "cannot be trusted" in fit.convergence_note
+
+
+def test_pathfinder_output_of_one_draw_repeated_is_not_converged(monkeypatch, tmp_path, study):
+    """What the issue saw: 1 distinct draw of 1,000. Equal weights give k-hat 0; the distinct count flags it."""
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1), tmp_path)
+    stand_in.one_point = True
+    fit = fit_with(monkeypatch, stand_in, method="pathfinder")
+
+    assert fit.diagnostics["distinct_draws"] == 1 and fit.diagnostics["pareto_k"] <= 0.7
+    assert fit.converged is False and "collapsed" in fit.convergence_note
+
+
+def test_stan_advi_keeps_stans_own_tolerance(monkeypatch, tmp_path, study):
+    """The spec's tolerance (1e-4, the torch ADVI's rule) is not CmdStan's tol_rel_obj: Stan's 0.01 is used,
+    and CmdStan's ADVI converges instead of running to max_iterations."""
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1), tmp_path)
+    fit = fit_with(monkeypatch, stand_in, method="advi", tolerance=1e-4)
+
+    assert stand_in.calls["variational"]["tol_rel_obj"] == 0.01
+    assert fit.converged and "MEAN ELBO CONVERGED" in fit.convergence_note
+    assert fit.diagnostics["iterations"] < 20000
+    assert "tol_rel_obj=0.01" in fit.convergence_note and "Stan's default" in fit.convergence_note
+
+
+def test_stan_advi_takes_a_tolerance_set_for_it(monkeypatch, tmp_path, study):
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1), tmp_path)
+    fit = fit_with(monkeypatch, stand_in, method="advi", stan_tol_rel_obj=0.001)
+
+    assert stand_in.calls["variational"]["tol_rel_obj"] == 0.001
+    # Below the noise of Stan's ELBO estimates: the rule never holds, and the fit says so.
+    assert fit.converged is False and "maximum number of iterations" in fit.convergence_note
+    assert "set for the stan backend" in fit.convergence_note
+
+
+def test_nuts_chains_share_the_cores_given_and_keep_the_draws_asked_for(monkeypatch, tmp_path, study):
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1), tmp_path)
+    fit = fit_with(monkeypatch, stand_in, draws=1000, method="nuts", chains=4, warmup=200, cores=3)
+
+    assert stand_in.calls["sample"] == {"chains": 4, "parallel_chains": 3, "iter_warmup": 200, "iter_sampling": 1000}
+    assert fit.chains == 4 and fit.n_draws == 4000  # 1,000 per chain, as asked, not 1,000 split over 4
+    assert fit.converged, fit.convergence_note  # independent draws pass every check
+    assert fit.diagnostics["max_rhat"] <= 1.01 and fit.diagnostics["min_ess_tail"] >= 400
+
+
+def test_nuts_in_a_fit_worker_runs_its_chains_one_at_a_time(monkeypatch, tmp_path, study):
+    """Told nothing, a fit in a worker process does not start `cpu_count` chains beside its sibling workers."""
+    import multiprocessing
+
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1), tmp_path)
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    fit_with(monkeypatch, stand_in, draws=100, method="nuts", chains=4, warmup=100)
+    assert stand_in.calls["sample"]["parallel_chains"] == 1
+
+
+def test_nuts_divergent_transition_marks_the_fit_not_converged(monkeypatch, tmp_path, study):
+    data, truth = study
+    stand_in = StandIn(data, theta_hat_of(truth), lambda z: -0.5 * np.sum(z**2, axis=1), tmp_path)
+    stand_in.divergent = 3
+    fit = fit_with(monkeypatch, stand_in, draws=1000, method="nuts", chains=4, warmup=200)
+    assert fit.diagnostics["divergences"] == 3
+    assert fit.converged is False and "divergent transitions" in fit.convergence_note
+
+
+HEALTHY_NUTS = {"max_rhat": 1.002, "min_ess_bulk": 3000.0, "min_ess_tail": 2500.0, "divergences": 0, "min_bfmi": 1.1}
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("max_rhat", 1.02, "R-hat"), ("min_ess_bulk", 399.0, "bulk ESS"), ("min_ess_tail", 399.0, "tail ESS"),
+    ("divergences", 1, "divergent"), ("min_bfmi", 0.29, "E-BFMI"), ("max_rhat", float("nan"), "R-hat")])
+def test_each_nuts_check_alone_fails_the_fit(key, value, reason):
+    assert stan_backend_module._nuts_failures(HEALTHY_NUTS) == []
+    failures = stan_backend_module._nuts_failures({**HEALTHY_NUTS, key: value})
+    assert len(failures) == 1 and reason in failures[0]
+
+
+# ---------------------------------------------------------------- the compiled model's cache
+
+
+class FakeCmdStanModel:
+    """cmdstanpy.CmdStanModel's compile step: builds the executable beside the program unless it is there."""
+
+    compiles: list = []
+    inside = 0
+    overlapped = False
+    guard = threading.Lock()
+
+    def __init__(self, stan_file):
+        cls = FakeCmdStanModel
+        with cls.guard:
+            cls.inside += 1
+            cls.overlapped |= cls.inside > 1
+        executable = Path(stan_file).with_suffix("")
+        if not executable.exists():
+            time.sleep(0.3)  # a compile takes a while: long enough for concurrent callers to meet
+            cls.compiles.append(stan_file)
+            executable.write_text("a program")
+        with cls.guard:
+            cls.inside -= 1
+        self.stan_file = stan_file
+
+
+@pytest.fixture
+def fake_cmdstan(monkeypatch, tmp_path):
+    """A CmdStan folder named plainly `cmdstan` (as a git checkout is) whose version the test sets."""
+    import cmdstanpy
+
+    home = tmp_path / "cmdstan"
+    home.mkdir()
+    version = {"value": (2, 35)}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(cmdstanpy, "cmdstan_path", lambda: str(home))
+    monkeypatch.setattr(cmdstanpy, "cmdstan_version", lambda: version["value"])
+    monkeypatch.setattr(cmdstanpy, "CmdStanModel", FakeCmdStanModel)
+    monkeypatch.setattr(FakeCmdStanModel, "compiles", [])
+    monkeypatch.setattr(FakeCmdStanModel, "overlapped", False)
+    return version
+
+
+def test_executable_cache_is_keyed_by_the_cmdstan_version(fake_cmdstan):
+    first = stan_backend_module._compiled_model(lambda m: None).stan_file
+    again = stan_backend_module._compiled_model(lambda m: None).stan_file
+    fake_cmdstan["value"] = (2, 36)  # the same folder, upgraded in place
+    upgraded = stan_backend_module._compiled_model(lambda m: None).stan_file
+    assert first == again and upgraded != first
+    assert "cmdstan-2.35" in first and "cmdstan-2.36" in upgraded
+    assert FakeCmdStanModel.compiles == [first, upgraded]
+
+
+def test_concurrent_compiles_are_serialised(fake_cmdstan):
+    """Fit workers starting together: one compiles, the others wait for it and find the executable."""
+    messages = []
+    threads = [threading.Thread(target=stan_backend_module._compiled_model, args=(messages.append,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not FakeCmdStanModel.overlapped
+    assert len(FakeCmdStanModel.compiles) == 1 and len(messages) == 1
 
 
 # ---------------------------------------------------------------- the real thing

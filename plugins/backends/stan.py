@@ -6,6 +6,7 @@ accurate posterior the papers' ADVI only approximated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -23,18 +24,67 @@ from perceptcore.latent_model import Fit, FitSettings, LatentModelData, stan_fil
 
 _INSTALL_HINT = "install it with `python -m cmdstanpy.install_cmdstan` (needs a C++ toolchain and internet access)"
 _PARAMETERS = ("b", "mu", "gamma_free", "nu")  # the parameters block: all unconstrained
-# Laplace: importance sampling in ~1,500 dimensions needs many proposals for the weights to cover the
-# posterior, and the Pareto k-hat of the weights is only a reliable diagnostic with a few thousand.
-_LAPLACE_MIN_PROPOSALS = 4000
-_LAPLACE_PROPOSALS_PER_DRAW = 4
+# Laplace and Pathfinder: importance sampling in ~1,500 dimensions needs many proposals for the weights to
+# cover the posterior, and the Pareto k-hat of the weights is only a reliable diagnostic with a few thousand.
+_MIN_PROPOSALS = 4000
+_PROPOSALS_PER_DRAW = 4
 _PARETO_K_TRUSTED = 0.7  # above: the importance weights cannot be trusted (Vehtari et al., PSIS)
 _PARETO_K_SLOW = 0.5  # between the two: trusted, but slowly converging
 _LOG_Q_TOLERANCE = 0.05  # nats: median |log_q__ - model quadratic form| for the normalising constant
+# CmdStan ADVI's own default tol_rel_obj. The spec's `tolerance` is the torch ADVI's rule (a smoothed
+# relative change, 1e-4); Stan's rule, on a noisier ELBO estimate, did not get that low in 20,000
+# iterations (CmdStan 2.35), so every fit ran to max_iterations: it is not passed on.
+_STAN_ADVI_TOL_REL_OBJ = 0.01
+_PATHFINDER_PATHS = 4  # CmdStan's default number of single-path Pathfinders
+# Pathfinder's resampled draws must be at least this share distinct: below it the summaries rest on
+# a handful of points (CmdStan's own resampling once gave 1 distinct draw of 1,000), whatever k-hat says.
+_MIN_DISTINCT_SHARE = 0.1
+# NUTS: trusted when every check holds (Vehtari et al. 2021 for R-hat and ESS; Betancourt for E-BFMI).
+_MAX_RHAT = 1.01
+_MIN_ESS = 400
+_MIN_BFMI = 0.3
 
 
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "perceptcore" / "cmdstan"
+
+
+def _executable_dir(code: str) -> Path:
+    """Where the shipped program is compiled: one folder per CmdStan version and program text.
+
+    Keyed by `cmdstanpy.cmdstan_version()`, not by the CmdStan folder's name (CMDSTAN may point at
+    a checkout called `cmdstan` whatever its version), and by the folder's full path as well: the
+    executable finds CmdStan's TBB library by that absolute path (rpath), so another installation
+    of the same version gets its own build.
+    """
+    import cmdstanpy
+
+    home = str(Path(cmdstanpy.cmdstan_path()).resolve())
+    version = cmdstanpy.cmdstan_version()
+    label = "cmdstan-" + (".".join(map(str, version)) if version else "unknown")
+    key = hashlib.sha256(f"{home}\0{code}".encode()).hexdigest()[:16]
+    return _cache_dir() / f"{label}-{key}"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on `path` (created if missing) across processes; released on exit."""
+    with open(path, "a") as handle:
+        if os.name == "nt":
+            import msvcrt
+
+            while True:  # msvcrt gives up after 10 s; a compile takes about a minute
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+        else:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _compiled_model(progress: Callable[[str], None]):
@@ -43,26 +93,26 @@ def _compiled_model(progress: Callable[[str], None]):
     cmdstanpy builds the executable beside the .stan file and rebuilds it only when
     the file is newer, so a copy in a cache directory keyed by the program text
     and the CmdStan version is compiled exactly once (the package directory may
-    not be writable).
+    not be writable). Fit workers start together: a lock file makes the first compile
+    while the others wait, then find the executable built.
     """
     import cmdstanpy
 
     code = stan_file().read_text()
-    version = Path(cmdstanpy.cmdstan_path()).name  # e.g. cmdstan-2.36.0
-    key = hashlib.sha256(code.encode()).hexdigest()[:16]
-    directory = _cache_dir() / f"{version}-{key}"
+    directory = _executable_dir(code)
+    directory.mkdir(parents=True, exist_ok=True)
     program = directory / "latent_model.stan"
-    if not program.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f"latent_model.stan.{os.getpid()}.tmp"
-        tmp.write_text(code)
-        tmp.replace(program)  # atomic, so a parallel run never sees half a file
-    if not (directory / ("latent_model" + (".exe" if os.name == "nt" else ""))).exists():
-        progress("stan: compiling the latent model (once per CmdStan version, about a minute)")
-    try:
-        return cmdstanpy.CmdStanModel(stan_file=str(program))
-    except Exception as exc:  # compiler missing or broken toolchain
-        raise PerceptcoreError(f"CmdStan could not compile the latent model: {exc}", "backend stan") from exc
+    with _exclusive(directory / "compile.lock"):
+        if not program.exists():
+            tmp = directory / "latent_model.stan.tmp"
+            tmp.write_text(code)
+            tmp.replace(program)  # atomic: a run killed mid-write leaves no half a program to compile
+        if not (directory / ("latent_model" + (".exe" if os.name == "nt" else ""))).exists():
+            progress("stan: compiling the latent model (once per CmdStan version, about a minute)")
+        try:
+            return cmdstanpy.CmdStanModel(stan_file=str(program))
+        except Exception as exc:  # compiler missing or broken toolchain
+            raise PerceptcoreError(f"CmdStan could not compile the latent model: {exc}", "backend stan") from exc
 
 
 # CmdStan's sampler columns and ArviZ's names for them.
@@ -91,6 +141,32 @@ def _nuts_diagnostics(draws: dict, sample_stats: dict, chains: int) -> dict:
         "divergences": int(np.sum(sample_stats.get("diverging", 0))),
         "min_bfmi": float(np.min(bfmi)),
     }
+
+
+def _nuts_failures(summary: dict) -> list[str]:
+    """The NUTS checks a summary of `_nuts_diagnostics` fails, in words (none: the fit is trusted)."""
+    checks = [
+        (summary["max_rhat"] <= _MAX_RHAT, f"R-hat above {_MAX_RHAT}"),
+        (summary["min_ess_bulk"] >= _MIN_ESS, f"bulk ESS below {_MIN_ESS}"),
+        (summary["min_ess_tail"] >= _MIN_ESS, f"tail ESS below {_MIN_ESS}"),
+        (summary["divergences"] == 0, "divergent transitions"),
+        (summary["min_bfmi"] >= _MIN_BFMI, f"E-BFMI below {_MIN_BFMI}"),
+    ]
+    return [reason for ok, reason in checks if not ok]  # a nan diagnostic fails its check too
+
+
+def _cores(settings: FitSettings) -> int:
+    """The CPU cores a fit may use for parallel chains.
+
+    A run fitting in parallel should say how many (`settings.cores`). Without it, a fit in a worker
+    process assumes sibling workers fill the machine (the run starts one per core by default) and
+    takes one core; in the main process it takes them all.
+    """
+    import multiprocessing
+
+    if settings.cores:
+        return int(settings.cores)
+    return 1 if multiprocessing.parent_process() is not None else (os.cpu_count() or 1)
 
 
 def _draws(fit, data: LatentModelData, **kwargs) -> dict:
@@ -137,6 +213,33 @@ def parse_advi_stdout(text: str) -> tuple[np.ndarray, bool, str]:
         if flag in text:
             return trace, True, f"CmdStan reported {flag}"
     return trace, False, "CmdStan reported no convergence"
+
+
+def _psis_resample(log_w: np.ndarray, draws: int, seed: int, method: str) -> dict:
+    """Pareto-smoothed importance resampling of `draws` of the proposals by their log weights.
+
+    Returns the chosen proposals' indices, the Pareto k-hat, the importance ESS, how many distinct
+    proposals were chosen, and how many had no finite weight (weight 0).
+    """
+    import arviz as az
+
+    finite = np.isfinite(log_w)  # a draw where the model's log density fails gets weight 0
+    if not finite.any():
+        raise PerceptcoreError(f"CmdStan's {method} draws: the log density failed at every proposal", "backend stan")
+    smoothed = np.full_like(log_w, -np.inf)
+    smoothed[finite], khat = az.psislw(log_w[finite].copy(), reff=1.0)
+    # Equal weights (the proposal is the target) leave arviz no tail to fit, and it says inf.
+    khat = 0.0 if np.ptp(log_w[finite]) == 0.0 else float(khat)
+    weights = np.exp(smoothed - np.max(smoothed[finite]))
+    weights /= weights.sum()
+    # Systematic resampling keeps the weighted empirical distribution with the least added noise;
+    # the kept draws are then put in random order, so no trace of the proposal order remains.
+    rng = np.random.default_rng(seed)
+    u = (rng.random() + np.arange(draws)) / draws
+    chosen = np.minimum(np.searchsorted(np.cumsum(weights), u), len(log_w) - 1)
+    chosen = chosen[rng.permutation(draws)]
+    return {"chosen": chosen, "pareto_k": khat, "importance_ess": float(1.0 / np.sum(weights**2)),
+            "distinct_draws": int(len(np.unique(chosen))), "failed": int(np.sum(~finite))}
 
 
 class _Curvature:
@@ -249,12 +352,13 @@ class StanBackend:
 
     def _advi(self, model, stan_data, data, settings, progress, out_dir) -> dict:
         progress("stan: mean-field ADVI")
+        tol_rel_obj = float(settings.stan_tol_rel_obj or _STAN_ADVI_TOL_REL_OBJ)
         vb = model.variational(
             data=stan_data,
             seed=int(settings.seed),
             algorithm="meanfield",
             iter=int(settings.max_iterations),
-            tol_rel_obj=float(settings.tolerance),
+            tol_rel_obj=tol_rel_obj,
             draws=int(settings.draws),
             require_converged=False,
             output_dir=out_dir,
@@ -273,8 +377,10 @@ class StanBackend:
         elbo = float(log_p.mean()) + entropy
         last = f"; last ELBO in its trace {trace[-1, 1]:.2f} at iteration {int(trace[-1, 0])}" if len(trace) else ""
         note = (
-            f"CmdStan meanfield ADVI with tol_rel_obj={settings.tolerance:g} (Stan's rule: relative ELBO "
-            f"change, mean or median over recent evaluations every 100 iterations): {why}{last}. "
+            f"CmdStan meanfield ADVI with tol_rel_obj={tol_rel_obj:g} ("
+            + ("set for the stan backend" if settings.stan_tol_rel_obj else "Stan's default; the spec's tolerance "
+               "is the torch ADVI's rule") + "; Stan's rule: relative ELBO change, mean or median over recent "
+            f"evaluations every 100 iterations): {why}{last}. "
             f"ELBO {elbo:.2f} = mean log_p__ of {len(log_p)} draws + Gaussian entropy."
         )
         return {
@@ -288,14 +394,13 @@ class StanBackend:
         }
 
     def _nuts(self, model, stan_data, data, settings, progress, out_dir) -> dict:
-        import arviz as az
-
         chains, per_chain = int(settings.chains), int(settings.draws)
-        progress(f"stan: NUTS, {chains} chains x ({settings.warmup} warmup + {per_chain} draws)")
+        parallel = max(1, min(chains, _cores(settings)))
+        progress(f"stan: NUTS, {chains} chains x ({settings.warmup} warmup + {per_chain} draws), {parallel} at a time")
         mcmc = model.sample(
             data=stan_data,
             chains=chains,
-            parallel_chains=min(chains, os.cpu_count() or 1),
+            parallel_chains=parallel,
             iter_warmup=int(settings.warmup),
             iter_sampling=per_chain,
             seed=int(settings.seed),
@@ -307,20 +412,20 @@ class StanBackend:
         sample_stats = {arviz_name: np.asarray(stats[name], dtype=float).T.reshape(-1)
                         for name, arviz_name in _SAMPLER_STATS.items() if name in stats}
         summary = _nuts_diagnostics(draws, sample_stats, chains)
-        converged = (summary["max_rhat"] <= 1.01 and min(summary["min_ess_bulk"], summary["min_ess_tail"]) >= 400
-                     and summary["divergences"] == 0 and summary["min_bfmi"] >= 0.3)
+        failed = _nuts_failures(summary)
         note = (
-            f"NUTS, {chains} chains x {per_chain} draws, diagnostics from ArviZ: trusted when max R-hat <= 1.01, "
-            f"bulk and tail ESS >= 400 for every parameter, no divergent transition and E-BFMI >= 0.3 in every "
-            f"chain; seen max R-hat {summary['max_rhat']:.4f}, min bulk ESS {summary['min_ess_bulk']:.0f}, min tail "
-            f"ESS {summary['min_ess_tail']:.0f}, {summary['divergences']} divergences, min E-BFMI "
-            f"{summary['min_bfmi']:.2f}."
+            f"NUTS, {chains} chains x {per_chain} draws, diagnostics from ArviZ: trusted when max R-hat <= "
+            f"{_MAX_RHAT}, bulk and tail ESS >= {_MIN_ESS} for every parameter, no divergent transition and E-BFMI "
+            f">= {_MIN_BFMI} in every chain; seen max R-hat {summary['max_rhat']:.4f}, min bulk ESS "
+            f"{summary['min_ess_bulk']:.0f}, min tail ESS {summary['min_ess_tail']:.0f}, {summary['divergences']} "
+            f"divergences, min E-BFMI {summary['min_bfmi']:.2f}"
+            + (f": not trusted ({'; '.join(failed)})." if failed else ".")
         )
         return {
             **self._base(data, "nuts"),
             "draws": draws,
             "elbo": float("nan"),
-            "converged": bool(converged),
+            "converged": not failed,
             "convergence_note": note,
             "diagnostics": summary,
             "chains": chains,
@@ -328,29 +433,62 @@ class StanBackend:
         }
 
     def _pathfinder(self, model, stan_data, data, settings, progress, out_dir) -> dict:
-        progress("stan: Pathfinder")
-        pf = model.pathfinder(
-            data=stan_data,
-            seed=int(settings.seed),
-            draws=int(settings.draws),
-            output_dir=out_dir,
-            sig_figs=9,
-        )
+        """CmdStan's Pathfinder, every path's draws kept, then Pareto-smoothed importance resampling here.
+
+        CmdStan's own resampling (psis_resample) hides its k-hat and can return one draw repeated; here
+        the draws are `settings.draws` resampled from the paths' max(4 x draws, 4000) draws by the weights
+        lp__ - lp_approx__ (each draw's own path's approximation, as CmdStan's multi-path Pathfinder uses).
+        """
+        draws = int(settings.draws)
+        per_path = max(_PROPOSALS_PER_DRAW * draws, _MIN_PROPOSALS) // _PATHFINDER_PATHS
+        progress(f"stan: Pathfinder, {_PATHFINDER_PATHS} paths x {per_path} draws")
+        try:
+            pf = model.pathfinder(
+                data=stan_data,
+                seed=int(settings.seed),
+                num_paths=_PATHFINDER_PATHS,
+                num_single_draws=per_path,
+                psis_resample=False,
+                output_dir=out_dir,
+                sig_figs=9,
+            )
+        except ValueError as exc:  # CmdStan before 2.34 cannot return the paths' draws unresampled
+            raise PerceptcoreError(f"CmdStan's pathfinder method failed: {exc}", "backend stan") from exc
         method_vars = pf.method_variables()
         lp = np.asarray(method_vars["lp__"], dtype=float).ravel()
         lp_approx = np.asarray(method_vars["lp_approx__"], dtype=float).ravel()
-        elbo = float(np.mean(lp - lp_approx))
-        converged = bool(np.isfinite(elbo))
+        log_w = lp - lp_approx
+        proposals = len(log_w)
+        psis = _psis_resample(log_w, draws, int(settings.seed), "pathfinder")
+        elbo = float(np.mean(log_w[np.isfinite(log_w)]))
+        kept = {k: v[psis["chosen"]] for k, v in _draws(pf, data).items()}
+        # Distinct values, not distinct rows: a CmdStan output of one point repeated has equal weights
+        # and k-hat 0, and only this shows it.
+        distinct = len(np.unique(np.concatenate([v.reshape(draws, -1) for v in kept.values()], axis=1), axis=0))
+        khat = psis["pareto_k"]
+        failed = []
+        if not khat <= _PARETO_K_TRUSTED:
+            failed.append(f"k-hat > {_PARETO_K_TRUSTED}: the importance weights cannot be trusted")
+        if distinct < _MIN_DISTINCT_SHARE * draws:
+            failed.append(f"fewer than {_MIN_DISTINCT_SHARE:.0%} of the draws are distinct: they have collapsed")
         note = (
-            "Pathfinder has no convergence test of its own; its L-BFGS paths ran to CmdStan's defaults. "
-            f"ELBO {elbo:.2f} = mean(lp__ - lp_approx__) over its {lp.size} draws."
+            f"CmdStan Pathfinder, {_PATHFINDER_PATHS} paths x {per_path} draws, resampled here by Pareto-smoothed "
+            f"importance sampling (weights lp__ - lp_approx__): trusted when the Pareto k-hat is <= "
+            f"{_PARETO_K_TRUSTED} and at least {_MIN_DISTINCT_SHARE:.0%} of the {draws} resampled draws are "
+            f"distinct. Seen k-hat {khat:.3f}, importance ESS {psis['importance_ess']:.0f} of {proposals}, "
+            f"{distinct} distinct draws"
+            + (f", {psis['failed']} draws where the log density failed (weight 0)" if psis["failed"] else "")
+            + (f": not trusted ({'; '.join(failed)})" if failed else "")
+            + f". ELBO {elbo:.2f} = mean(lp__ - lp_approx__) over the {proposals} draws."
         )
         return {
             **self._base(data, "pathfinder"),
-            "draws": _draws(pf, data),
+            "draws": kept,
             "elbo": elbo,
-            "converged": converged,
+            "converged": not failed,
             "convergence_note": note,
+            "diagnostics": {"pareto_k": khat, "importance_ess": psis["importance_ess"], "distinct_draws": distinct,
+                            "proposals": proposals},
         }
 
     def _laplace(self, model, stan_data, data, settings, progress, out_dir) -> dict:
@@ -359,10 +497,8 @@ class StanBackend:
         The draws are `settings.draws` resampled (systematic resampling, then shuffled) from
         max(4 x draws, 4000) proposals by their smoothed importance weights.
         """
-        import arviz as az
-
         draws = int(settings.draws)
-        proposals = max(_LAPLACE_PROPOSALS_PER_DRAW * draws, _LAPLACE_MIN_PROPOSALS)
+        proposals = max(_PROPOSALS_PER_DRAW * draws, _MIN_PROPOSALS)
         progress("stan: the mode (L-BFGS, with the Jacobian adjustment) for the Laplace approximation")
         # jacobian=True: the Laplace approximation of the posterior is centred at the Jacobian-adjusted
         # mode (every parameter here is unconstrained, so it is also the plain posterior mode).
@@ -407,27 +543,12 @@ class StanBackend:
         mismatch = float(np.median(np.abs(-0.5 * curvature.quadratic(sample, centre) - log_q)))
         log_norm = 0.5 * curvature.log_det() - 0.5 * curvature.dimension * math.log(2.0 * math.pi)
         log_w = log_p - (log_q + log_norm)
-        finite = np.isfinite(log_w)  # a draw where the model's log density fails gets weight 0
-        if not finite.any():
-            raise PerceptcoreError("CmdStan's laplace draws: the log density failed at every proposal", "backend stan")
-        smoothed = np.full_like(log_w, -np.inf)
-        smoothed[finite], khat = az.psislw(log_w[finite].copy(), reff=1.0)
-        # Equal weights (the proposal is the target) leave arviz no tail to fit, and it says inf.
-        khat = 0.0 if np.ptp(log_w[finite]) == 0.0 else float(khat)
-        weights = np.exp(smoothed - np.max(smoothed[finite]))
-        weights /= weights.sum()
-        ess = float(1.0 / np.sum(weights**2))
+        psis = _psis_resample(log_w, draws, int(settings.seed), "laplace")
+        chosen, khat, ess, distinct = psis["chosen"], psis["pareto_k"], psis["importance_ess"], psis["distinct_draws"]
+        finite = np.isfinite(log_w)
         log_evidence = float(np.logaddexp.reduce(log_w[finite]) - math.log(proposals))
         if mismatch > _LOG_Q_TOLERANCE:
             log_evidence = float("nan")
-
-        # Systematic resampling keeps the weighted empirical distribution with the least added noise;
-        # the kept draws are then put in random order, so no trace of the proposal order remains.
-        rng = np.random.default_rng(int(settings.seed))
-        u = (rng.random() + np.arange(draws)) / draws
-        chosen = np.minimum(np.searchsorted(np.cumsum(weights), u), proposals - 1)
-        chosen = chosen[rng.permutation(draws)]
-        distinct = int(len(np.unique(chosen)))
 
         converged = khat <= _PARETO_K_TRUSTED
         if not converged:
@@ -443,7 +564,7 @@ class StanBackend:
             )
         else:
             verdict = f"k-hat <= {_PARETO_K_SLOW}: the importance-sampling correction is reliable"
-        failed = int(np.sum(~finite))
+        failed = psis["failed"]
         evidence = (
             f"log p(y) = {log_evidence:.2f}: the importance-sampling estimate of the log marginal likelihood, "
             "log mean exp(log_w) over the proposals, with the Gaussian's normalising constant (CmdStan "
