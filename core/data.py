@@ -8,9 +8,13 @@ Case ids are strings; the published layout's breast n of exam e is ``"e/left"`` 
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import io
+import math
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import attrs
@@ -21,6 +25,48 @@ from .errors import PerceptcoreError
 
 SIDES = ("left", "right")
 REGIONS = ("roi_interior", "roi_exterior")
+# Labels of the published exam_info.csv (y_l, y_r).
+PUBLISHED_LABELS = ("malignant", "benign", "nonbiopsied")
+# A pickle holds arrays, lists, tuples and numbers. Lists nest at most as deep as an array's
+# dimensions (NumPy's limit is 64; data needs a handful), and the items visited are bounded:
+# pickles share sub-lists by reference, so 400 bytes can describe a list of 2**40 items that
+# np.asarray would expand. Larger data belongs in NumPy arrays, which are not counted item by item.
+MAX_PICKLE_DEPTH = 32
+MAX_PICKLE_ITEMS = 1_000_000
+# An observer group is held as a dense (observers x severities x cases) array, NaN where not
+# observed: bounded (2 GiB of floats) so that a junk table, say a million distinct readers, is an
+# error rather than tens of gigabytes of memory.
+MAX_CELLS = 2 ** 28
+
+
+# --------------------------------------------------------------------------- messages and files
+
+def short_repr(value, limit: int = 60) -> str:
+    """repr of a value from a data file, cut to `limit` characters (a junk cell can be megabytes)."""
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _listing(items, limit: int = 12) -> str:
+    """The first `limit` items, comma-separated, and how many there are in all."""
+    items = list(items)
+    shown = ", ".join(text if len(text) <= 60 else text[:59] + "…" for text in map(str, items[:limit]))
+    return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
+
+
+def regular_file(path: Path, where: str) -> int:
+    """The size of `path`, which must be a regular file: reading a pipe or a device would block or never end."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise PerceptcoreError(f"file not found: {path}", where) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise PerceptcoreError(f"cannot read {short_repr(str(path))}: {getattr(exc, 'strerror', None) or exc}",
+                               where) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe, socket or device"
+        raise PerceptcoreError(f"{path} is {kind}, not a regular file", where)
+    return info.st_size
 
 
 # --------------------------------------------------------------------------- pickles
@@ -69,10 +115,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def load_array_pickle(path: Path, where: str):
     """Load a pickle that holds only plain arrays/lists/tuples of numbers (never arbitrary objects)."""
+    regular_file(path, where)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise PerceptcoreError(f"file not found: {path}", where) from None
     except OSError as exc:
         raise PerceptcoreError(f"cannot read {path}: {exc.strerror}", where) from None
     try:
@@ -86,29 +131,51 @@ def load_array_pickle(path: Path, where: str):
 
 
 def _check_plain(value, path, where):
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _check_plain(item, path, where)
-    elif isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biuf":
-            raise PerceptcoreError(f"{path}: array of dtype {value.dtype} is not numeric", where)
-    elif not isinstance(value, (int, float, np.number)):
-        raise PerceptcoreError(f"{path}: holds a {type(value).__name__}, expected arrays", where)
+    """Arrays, lists, tuples and numbers only, walked without recursion: a list that holds itself,
+    100,000 nested lists or a graph of shared sub-lists is refused, not followed."""
+    todo, visited = [(value, 0)], 0
+    while todo:
+        item, depth = todo.pop()
+        visited += 1
+        if isinstance(item, (list, tuple)):
+            if depth >= MAX_PICKLE_DEPTH:
+                raise PerceptcoreError(f"{path}: lists nested more than {MAX_PICKLE_DEPTH} deep (or holding "
+                                       "themselves); expected arrays", where)
+            if visited + len(todo) + len(item) > MAX_PICKLE_ITEMS:
+                raise PerceptcoreError(f"{path}: lists of more than {MAX_PICKLE_ITEMS:,} items in all (counting "
+                                       "shared sub-lists each time they occur); store large data as NumPy arrays",
+                                       where)
+            todo.extend((x, depth + 1) for x in item)
+        elif isinstance(item, np.ndarray):
+            if item.dtype.kind not in "biuf":
+                raise PerceptcoreError(f"{path}: array of dtype {item.dtype} is not numeric", where)
+        elif isinstance(item, int) and not -2**63 <= item < 2**64:
+            raise PerceptcoreError(f"{path}: holds an integer of {item.bit_length()} bits, too large for an array",
+                                   where)
+        elif not isinstance(item, (int, float, np.integer, np.floating, np.bool_)):
+            raise PerceptcoreError(f"{path}: holds a {type(item).__name__}, expected arrays", where)
+
+
+def _as_array(value, path, where) -> np.ndarray:
+    """A loaded pickle's content as one float array; ragged nesting is an error, not a traceback."""
+    try:
+        return np.asarray(value, dtype=float)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise PerceptcoreError(f"{path}: not a regular array of numbers ({short_repr(str(exc), 120)})", where) from None
 
 
 # --------------------------------------------------------------------------- tables
 
 def read_table(path: Path, where: str, text_columns=()) -> pd.DataFrame:
     """A CSV (or .tsv) table; `text_columns` are kept as written (a severity `2` stays "2", not 2.0)."""
-    if not path.is_file():
-        raise PerceptcoreError(f"file not found: {path}", where)
+    regular_file(path, where)
     try:
         table = pd.read_csv(path, sep=None if path.suffix == ".tsv" else ",", engine="python" if path.suffix == ".tsv" else "c",
                             dtype={c: str for c in text_columns})
     except pd.errors.EmptyDataError:
         raise PerceptcoreError(f"{path}: file is empty", where) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise PerceptcoreError(f"{path}: not a readable CSV table: {exc}", where) from None
+        raise PerceptcoreError(f"{path}: not a readable CSV table: {short_repr(str(exc), 200)}", where) from None
     if table.empty:
         raise PerceptcoreError(f"{path}: table has no rows", where)
     return table
@@ -125,8 +192,8 @@ def require_columns(table: pd.DataFrame, columns, path: Path, where: str) -> Non
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise PerceptcoreError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))}; the table has "
-            f"{', '.join(map(repr, table.columns))}",
+            f"{path}: missing column(s) {_listing(map(repr, missing))}; the table has "
+            f"{_listing(map(repr, table.columns))}",
             where,
         )
 
@@ -170,22 +237,33 @@ class Cases:
 
 def load_cases(path: Path, id_columns, label_column: str, positive_label: str, where: str) -> Cases:
     table = read_table(path, where)
-    if {"y_l", "y_r"} <= set(table.columns):
-        table = _breasts_from_published_exams(table)
+    published = {"y_l", "y_r"} <= set(table.columns)
+    if published:
+        table = _breasts_from_published_exams(table, path, where)
         id_columns, label_column = ("case",), "label"
     require_columns(table, [*id_columns, label_column], path, where)
+    for column in id_columns:
+        empty = table[column].isna() | (table[column].astype(str).str.strip() == "")
+        if empty.any():
+            raise PerceptcoreError(f"{path}: row {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: "
+                                   f"column {column!r} is empty", where)
     ids = case_ids(table, id_columns)
     duplicated = ids[ids.duplicated()]
     if len(duplicated):
         row = duplicated.index[0]
-        raise PerceptcoreError(f"{path}: row {row + 2}: case id {duplicated.iloc[0]!r} appears twice", where)
+        raise PerceptcoreError(f"{path}: row {row + 2}: case id {short_repr(duplicated.iloc[0])} appears twice", where)
     labels = table[label_column].astype(str).str.strip()
-    if positive_label not in set(labels):
+    present = labels.unique().tolist()
+    if positive_label not in present:
+        close = difflib.get_close_matches(positive_label, present[:1000], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise PerceptcoreError(
             f"{path}: no case has label {positive_label!r} in column {label_column!r} "
-            f"(labels present: {', '.join(sorted(set(labels)))})",
+            f"(labels present: {_listing(sorted(present))}){hint}",
             where,
         )
+    if not published:
+        _check_labels(table[label_column], labels, present, positive_label, path, label_column, where)
     out = table.drop(columns=[c for c in ("case", "label", "positive") if c in table.columns])
     out.insert(0, "case", ids.to_numpy())
     out.insert(1, "label", labels.to_numpy())
@@ -193,11 +271,94 @@ def load_cases(path: Path, id_columns, label_column: str, positive_label: str, w
     return Cases(out.reset_index(drop=True), positive_label)
 
 
-def _breasts_from_published_exams(exams: pd.DataFrame) -> pd.DataFrame:
+def _slip_of(label: str, positive: str) -> bool:
+    """Whether `label` looks like a mistyped positive label (other case, a letter or two off), which
+    would silently make its case negative. A label containing the other (normal, abnormal) is a class."""
+    if label == positive or abs(len(label) - len(positive)) > 2:
+        return False
+    if label.casefold() == positive.casefold():
+        return True
+    if positive in label or label in positive:
+        return False
+    return difflib.SequenceMatcher(None, label, positive).ratio() >= 0.8
+
+
+def _check_labels(raw: pd.Series, labels: pd.Series, present, positive: str, path, column, where) -> None:
+    """Tidy labels: none empty, none a slip of the positive label."""
+    empty = raw.isna().to_numpy() | (labels == "").to_numpy()
+    if empty.any():
+        raise PerceptcoreError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2}: column {column!r} is empty; "
+                               "every case needs its label", where)
+    for label in present:
+        if _slip_of(label, positive):
+            row = int(np.flatnonzero((labels == label).to_numpy())[0])
+            raise PerceptcoreError(
+                f"{path}: row {row + 2}: label {short_repr(label)} in column {column!r} looks like a slip of the "
+                f"positive label {positive!r}; it would count as a negative case: correct it", where)
+
+
+def _check_published_labels(exams: pd.DataFrame, path, where) -> None:
+    for column in ("y_l", "y_r"):
+        raw = exams[column]
+        text = raw.astype(str).str.strip()
+        bad = (raw.isna() | ~text.isin(PUBLISHED_LABELS)).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            if pd.isna(raw.iloc[i]) or not text.iloc[i]:
+                problem = "is empty"
+            else:
+                close = difflib.get_close_matches(text.iloc[i].casefold(), PUBLISHED_LABELS, n=1, cutoff=0.6)
+                problem = f"label {short_repr(text.iloc[i])} is not one of {', '.join(PUBLISHED_LABELS)}" + (
+                    f"; did you mean {close[0]!r}?" if close else "")
+            raise PerceptcoreError(f"{path}: row {i + 2}: column {column!r} {problem}", where)
+        exams[column] = text
+
+
+# The published arrays index exams by the rows of the released exam_info.csv: only the file's row
+# order records which exam is which. Digests of its test_set_idx column (as listed, and sorted)
+# recognise a reordered copy, which would otherwise give every exam another exam's predictions.
+_PUBLISHED_EXAMS_ORDERED = "3ea8fb50e428c7e8774bd94cee722895572e0feb2e24fc4ec8e814ca68b3922a"
+_PUBLISHED_EXAMS_SORTED = "f67b33deefba3f878a19bd5727fbab7ef7ab5263ba5b59dc562993f36d0d4017"
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(" ".join(values).encode()).hexdigest()
+
+
+def _published_exam_positions(exams: pd.DataFrame, path, where) -> np.ndarray:
+    """Each row's exam, i.e. its index in the published arrays: the `exam_id` column when there is one
+    (rows then in any order), else the row number."""
+    if "exam_id" not in exams.columns:
+        if "test_set_idx" in exams.columns:
+            ids = exams["test_set_idx"].astype(str).str.strip().tolist()
+            if _digest(ids) != _PUBLISHED_EXAMS_ORDERED and _digest(sorted(ids)) == _PUBLISHED_EXAMS_SORTED:
+                raise PerceptcoreError(
+                    f"{path}: the released exams in another order; the arrays index exams by row: restore the "
+                    "order, or add an exam_id column (each exam's index in the arrays)", where)
+        return np.arange(len(exams))
+    raw = exams["exam_id"]
+    number = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+    bad = ~np.isfinite(number) | (number < 0) | (number % 1 != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PerceptcoreError(f"{path}: row {i + 2}: exam_id {short_repr(raw.iloc[i])} is not the exam's index in the "
+                               "published arrays (a whole number from 0)", where)
+    positions = number.astype(np.int64)
+    repeat = _first_repeat(positions)
+    if repeat is not None:
+        raise PerceptcoreError(f"{path}: rows {repeat[0] + 2} and {repeat[1] + 2}: exam_id {positions[repeat[0]]} "
+                               "appears twice", where)
+    return positions
+
+
+def _breasts_from_published_exams(exams: pd.DataFrame, path, where) -> pd.DataFrame:
     """The published exam_info.csv (one row per exam, `_l`/`_r` columns) as one row per breast."""
+    exams = exams.copy()
+    _check_published_labels(exams, path, where)
+    positions = _published_exam_positions(exams, path, where)
     rows = []
     for side, suffix in zip(SIDES, ("_l", "_r")):
-        part = pd.DataFrame({"exam": np.arange(len(exams)), "side": side})
+        part = pd.DataFrame({"exam": positions, "side": side})
         for column in exams.columns:
             if column.endswith(suffix):
                 part[column[: -len(suffix)]] = exams[column].to_numpy()
@@ -253,7 +414,7 @@ def _severity_index(values: pd.Series, levels, path, where) -> np.ndarray:
     if (out < 0).any():
         row = int(np.flatnonzero(out < 0)[0])
         raise PerceptcoreError(
-            f"{path}: row {row + 2}: severity {values.iloc[row]!r} is not one of the spec's severities "
+            f"{path}: row {row + 2}: severity {short_repr(values.iloc[row])} is not one of the spec's severities "
             f"({', '.join(map(str, levels))})",
             where,
         )
@@ -267,21 +428,30 @@ def _case_index(ids: pd.Series, cases: Cases, path, where) -> np.ndarray:
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
         raise PerceptcoreError(
-            f"{path}: row {row + 2}: case {ids.iloc[row]!r} is not in the cases table "
+            f"{path}: row {row + 2}: case {short_repr(ids.iloc[row])} is not in the cases table "
             f"({int(unknown.sum())} row(s) name unknown cases)",
             where,
         )
     return positions.to_numpy(int)
 
 
-def _check_predictions(values: np.ndarray, path, where, rows=None) -> None:
-    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+def _check_size(sizes: dict, path, where) -> None:
+    """`sizes` ({"readers": 10, ...}) of a dense prediction array within MAX_CELLS."""
+    cells = math.prod(sizes.values())
+    if cells > MAX_CELLS:
+        shape = " x ".join(f"{n:,} {name}" for name, n in sizes.items())
+        raise PerceptcoreError(f"{path}: {shape} make {cells:,} prediction cells, more than the {MAX_CELLS:,} "
+                               "perceptcore holds; do the columns hold what they should?", where)
+
+
+def _check_cells(values: np.ndarray, read, path, where, describe) -> None:
+    """Every read cell of an array a probability or 0/1 call (NaN and inf included in the refusal);
+    `describe(index)` names the first bad one."""
+    bad = read & ~((values >= 0) & (values <= 1))
     if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        place = f"row {rows[i] + 2}: " if rows is not None else ""
-        raise PerceptcoreError(
-            f"{path}: {place}prediction {float(values[i])!r} is not a probability or 0/1 call in [0, 1]", where
-        )
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise PerceptcoreError(f"{path}: prediction {float(values[index])!r} at {describe(index)} is not a "
+                               "probability or 0/1 call in [0, 1]", where)
 
 
 def _tidy_prediction_values(table: pd.DataFrame, column: str, path, where) -> np.ndarray:
@@ -295,7 +465,7 @@ def _tidy_prediction_values(table: pd.DataFrame, column: str, path, where) -> np
             raise PerceptcoreError(f"{path}: row {i + 2}: prediction is missing", where)
         shown = raw.iloc[i] if isinstance(raw.iloc[i], str) else float(values[i])
         raise PerceptcoreError(
-            f"{path}: row {i + 2}: prediction {shown!r} is not a probability or 0/1 call in [0, 1]", where
+            f"{path}: row {i + 2}: prediction {short_repr(shown)} is not a probability or 0/1 call in [0, 1]", where
         )
     return values
 
@@ -321,7 +491,7 @@ def _likelihood_is_soft(values: np.ndarray, likelihood: str, path, where) -> boo
 def load_observer_group(name, path: Path, likelihood, columns: dict, cases: Cases, levels, where) -> ObserverGroup:
     """Predictions of one observer group from a tidy CSV or a published-layout pickle."""
     if path.suffix == ".pkl":
-        readers, values = _published_predictions(path, cases, len(levels), where)
+        readers, values = _published_predictions(path, cases, levels, where)
     else:
         readers, values = _tidy_predictions(path, columns, cases, levels, where)
     soft = _likelihood_is_soft(values, likelihood, path, where)
@@ -345,22 +515,26 @@ def _tidy_predictions(path, columns, cases, levels, where):
     if repeat is not None:
         row, again = repeat
         raise PerceptcoreError(
-            f"{path}: rows {row + 2} and {again + 2}: reader {readers_col.iloc[row]!r} has more than one prediction "
-            f"for case {case_ids(table, id_columns).iloc[row]!r} at severity {table[names['severity']].iloc[row]!r}",
+            f"{path}: rows {row + 2} and {again + 2}: reader {short_repr(readers_col.iloc[row])} has more than one "
+            f"prediction for case {short_repr(case_ids(table, id_columns).iloc[row])} at severity "
+            f"{short_repr(table[names['severity']].iloc[row])}",
             where,
         )
+    _check_size({"readers": len(readers), "severities": len(levels), "cases": len(cases)}, path, where)
     values = np.full((len(readers), len(levels), len(cases)), np.nan)
     values[r, s, n] = prediction
     return readers, values
 
 
-def _published_predictions(path, cases, n_levels, where):
-    """(readers, severities, exams, 2 sides) predictions, optionally as a (pred, mask) tuple."""
+def _published_predictions(path, cases, levels, where):
+    """(readers, severities, exams, 2 sides) predictions, optionally as a (pred, mask) tuple whose
+    mask (readers, severities, exams) is 1 where the reader read the exam at the severity, else 0."""
+    n_levels = len(levels)
     loaded = load_array_pickle(path, where)
     if isinstance(loaded, (tuple, list)) and len(loaded) == 2:
-        pred, mask = (np.asarray(a) for a in loaded)
+        pred, mask = (_as_array(a, path, where) for a in loaded)
     else:
-        pred, mask = np.asarray(loaded), None
+        pred, mask = _as_array(loaded, path, where), None
     if pred.ndim != 4 or pred.shape[3] != 2 or pred.shape[1] != n_levels:
         raise PerceptcoreError(
             f"{path}: expected predictions of shape (observers, {n_levels} severities, exams, 2 sides), "
@@ -369,12 +543,25 @@ def _published_predictions(path, cases, n_levels, where):
         )
     if mask is not None and mask.shape != pred.shape[:3]:
         raise PerceptcoreError(f"{path}: mask of shape {mask.shape} does not match predictions {pred.shape}", where)
-    values = pred.astype(float)
-    if mask is not None:
-        values[~mask.astype(bool)] = np.nan
-    _check_predictions(values[np.isfinite(values)], path, where)
+
+    def cell(index):
+        return (f"[{', '.join(map(str, index))}] (reader{index[0] + 1:02d}, severity {levels[index[1]]!r}, "
+                f"exam {index[2]}" + (f", {SIDES[index[3]]})" if len(index) == 4 else ")"))
+
+    if mask is None:
+        read = np.ones(pred.shape[:3], dtype=bool)
+    else:
+        bad = ~np.isin(mask, (0, 1))
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise PerceptcoreError(f"{path}: read mask value {float(mask[index])!r} at {cell(index)}; the mask holds 1 "
+                                   "(read) or 0 (not read)", where)
+        read = mask == 1
+    _check_cells(pred, read[..., None], path, where, cell)  # cells not read may hold anything
+    values = np.where(read[..., None], pred, np.nan)
     n_exams = pred.shape[2]
     order = _published_case_positions(range(n_exams), cases, path, where)
+    _check_size({"observers": pred.shape[0], "severities": n_levels, "cases": len(cases)}, path, where)
     out = np.full((pred.shape[0], n_levels, len(cases)), np.nan)
     out[:, :, order] = values.reshape(pred.shape[0], n_levels, n_exams * 2)
     readers = [f"reader{i + 1:02d}" for i in range(pred.shape[0])]
@@ -415,19 +602,31 @@ class RoiPredictions:
 
 
 def load_roi_published(interior: Path, exterior: Path, exams: Path, cases: Cases, n_levels, where) -> RoiPredictions:
-    exam_list = load_array_pickle(exams, f"{where}.exams")
-    exam_list = [int(e) for e in np.asarray(exam_list).ravel()]
+    exam_list = _as_array(load_array_pickle(exams, f"{where}.exams"), exams, f"{where}.exams").ravel()
+    bad = ~np.isfinite(exam_list) | (exam_list < 0) | (exam_list % 1 != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PerceptcoreError(f"{exams}: item {i}: {short_repr(exam_list[i])} is not an exam index (a row of the "
+                               "exam table)", f"{where}.exams")
+    exam_list = exam_list.astype(np.int64)
+    repeat = _first_repeat(exam_list)
+    if repeat is not None:
+        raise PerceptcoreError(f"{exams}: items {repeat[0]} and {repeat[1]}: exam {exam_list[repeat[0]]} is listed "
+                               "twice", f"{where}.exams")
+    exam_list = exam_list.tolist()
     values = {}
     for region, path in zip(REGIONS, (interior, exterior)):
         key = f"{where}.{region.removeprefix('roi_')}"
-        array = np.asarray(load_array_pickle(path, key), dtype=float)
+        array = _as_array(load_array_pickle(path, key), path, key)
         if array.ndim != 5 or array.shape[2] != n_levels or array.shape[3] != len(exam_list) or array.shape[4] != 2:
             raise PerceptcoreError(
                 f"{path}: expected shape (annotators, seeds, {n_levels} severities, {len(exam_list)} exams, 2 sides), "
                 f"got {array.shape}",
                 key,
             )
-        _check_predictions(array.ravel(), path, key)
+        _check_cells(array, True, path, key, lambda i: (
+            f"[{', '.join(map(str, i))}] (annotator{i[0] + 1}, reader{i[1] + 1:02d}, severity index {i[2]}, "
+            f"exam {exam_list[i[3]]}, {SIDES[i[4]]})"))
         values[region] = array.reshape(*array.shape[:3], -1)
     shapes = {v.shape for v in values.values()}
     if len(shapes) != 1:
@@ -451,7 +650,7 @@ def load_roi_tidy(path: Path, columns: dict, cases: Cases, levels, where) -> Roi
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
         raise PerceptcoreError(
-            f"{path}: row {row + 2}: region {regions.iloc[row]!r} is not one of {', '.join(REGIONS)}", where
+            f"{path}: row {row + 2}: region {short_repr(regions.iloc[row])} is not one of {', '.join(REGIONS)}", where
         )
     annotators = list(dict.fromkeys(table[names["annotator"]].astype(str)))
     readers = list(dict.fromkeys(table[names["reader"]].astype(str)))
@@ -465,13 +664,16 @@ def load_roi_tidy(path: Path, columns: dict, cases: Cases, levels, where) -> Roi
     if repeat is not None:
         row, again = repeat
         raise PerceptcoreError(
-            f"{path}: rows {row + 2} and {again + 2}: annotator {table[names['annotator']].astype(str).iloc[row]!r}, "
-            f"reader {table[names['reader']].astype(str).iloc[row]!r} has more than one {regions.iloc[row]} "
-            f"prediction for case {case_ids(table, id_columns).iloc[row]!r} at severity "
-            f"{table[names['severity']].iloc[row]!r}",
+            f"{path}: rows {row + 2} and {again + 2}: annotator "
+            f"{short_repr(table[names['annotator']].astype(str).iloc[row])}, reader "
+            f"{short_repr(table[names['reader']].astype(str).iloc[row])} has more than one {regions.iloc[row]} "
+            f"prediction for case {short_repr(case_ids(table, id_columns).iloc[row])} at severity "
+            f"{short_repr(table[names['severity']].iloc[row])}",
             where,
         )
     roi_cases, local = np.unique(n, return_inverse=True)
+    _check_size({"annotators": len(annotators), "readers": len(readers), "severities": len(levels),
+                 "cases": len(roi_cases)}, path, where)
     values = {}
     for region in REGIONS:
         rows = (regions == region).to_numpy()

@@ -19,7 +19,9 @@ Formats, chosen by suffix (any case)
     ("DICM" at byte 128), as with files named by their UIDs: read with pydicom.
     ``.npy``: a 2-D numeric array, loaded with ``allow_pickle=False`` (object arrays are
     refused). Integer arrays must lie in 0..65535 and become uint16; float arrays stay
-    float and must be finite, >= 0 and <= 65535.
+    float and must be finite, >= 0 and <= 65535. The header's shape must match the file's
+    size, so a header claiming a huge array is refused before anything is allocated.
+    Every format: an image (or mask) with no rows or no columns is refused.
 
 Pixel spacing (`read_image`)
     ``pixel_spacing_mm`` from the manifest wins whenever it is given. If the file records a
@@ -72,7 +74,7 @@ import attrs
 import numpy as np
 import pandas as pd
 
-from .data import case_ids, read_table, require_columns
+from .data import case_ids, read_table, regular_file, require_columns
 from .errors import PerceptcoreError
 
 LATERALITIES = {"l": "left", "left": "left", "r": "right", "right": "right"}
@@ -356,6 +358,8 @@ def _png_header(path: Path, where: str, mask: bool) -> tuple[int, int]:
     if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR" or len(head) < 26:
         raise PerceptcoreError(f"{path}: not a PNG file (no PNG signature)", where)
     depth, colour = head[24], head[25]
+    if int.from_bytes(head[16:20], "big") == 0 or int.from_bytes(head[20:24], "big") == 0:
+        raise PerceptcoreError(f"{path}: the {'mask' if mask else 'image'} is empty (no rows or no columns)", where)
     if colour != 0:
         raise PerceptcoreError(
             f"{path}: a {depth}-bit {_PNG_COLOURS.get(colour, f'colour type {colour}')} PNG is not a grey-level "
@@ -366,16 +370,23 @@ def _png_header(path: Path, where: str, mask: bool) -> tuple[int, int]:
 
 
 def _npy_header(path: Path, where: str, mask: bool) -> tuple[tuple, np.dtype]:
+    size = regular_file(path, where)
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = reader(f)
+            offset = f.tell()
     except OSError as exc:
         raise PerceptcoreError(f"{path}: cannot read: {exc.strerror}", where) from None
     except Exception as exc:  # bad magic, malformed header
         raise PerceptcoreError(f"{path}: not a readable .npy file ({_one_line(exc)})", where) from None
     _check_array_type(shape, dtype, path, where, mask)
+    # np.load allocates what the header claims before reading: hold the claim to the bytes present.
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed != size - offset:
+        raise PerceptcoreError(f"{path}: the header claims a {'x'.join(map(str, shape))} array of {dtype} "
+                               f"({claimed:,} bytes) but the file holds {size - offset:,} bytes of data", where)
     return shape, dtype
 
 
@@ -385,6 +396,9 @@ def _check_array_type(shape, dtype: np.dtype, path, where, mask: bool) -> None:
                                "read (.npy files are loaded with allow_pickle=False)", where)
     if len(shape) != 2:
         raise PerceptcoreError(f"{path}: array of shape {tuple(shape)} is not a 2-D image", where)
+    if 0 in shape:
+        raise PerceptcoreError(f"{path}: the {'mask' if mask else 'image'} is empty ({shape[0]}x{shape[1]} "
+                               "pixels)", where)
     if dtype.kind not in ("biuf" if mask else "iuf"):
         raise PerceptcoreError(f"{path}: array of dtype {dtype} is not numeric grey levels", where)
 
@@ -481,6 +495,9 @@ def _dicom_check(ds, path: Path, where: str, mask: bool) -> None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise PerceptcoreError(f"{path}: {frames} frames; expected a single 2-D image", where)
+    if not int(ds.get("Rows", 1) or 0) or not int(ds.get("Columns", 1) or 0):
+        raise PerceptcoreError(f"{path}: the {'mask' if mask else 'image'} is empty (Rows {ds.get('Rows')}, "
+                               f"Columns {ds.get('Columns')})", where)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PerceptcoreError(f"{path}: PhotometricInterpretation {photometric or 'missing'!s}; expected "
@@ -544,13 +561,16 @@ _READERS = {"png": _read_png, "npy": _read_npy, "dicom": _read_dicom}
 
 def _read_raw(path: Path, where: str, mask: bool = False) -> _Raw:
     path = Path(path)
-    if not path.is_file():
-        raise PerceptcoreError(f"file not found: {path}", where)
+    regular_file(path, where)
     kind = image_format(path)
     if kind is None:
         raise PerceptcoreError(f"{path}: unsupported format; expected a PNG (.png), DICOM (.dcm, or a file "
                                "starting with the DICM preamble) or NumPy (.npy) file", where)
-    return _READERS[kind](path, where, mask)
+    raw = _READERS[kind](path, where, mask)
+    if 0 in raw.pixels.shape:  # the header checks miss what a decoder makes of a malformed file
+        raise PerceptcoreError(f"{path}: the {'mask' if mask else 'image'} is empty ({raw.pixels.shape[0]}x"
+                               f"{raw.pixels.shape[1]} pixels)", where)
+    return raw
 
 
 def _file_spacing(spacing, path: Path, where: str, strict: bool) -> float | None:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .data import read_table, require_columns
+from .data import read_table, require_columns, short_repr
 from .errors import PerceptcoreError
 
 SCHEMES = ("uniform", "balanced")
@@ -76,11 +76,11 @@ def import_reads(assignment: pd.DataFrame, cases_of_exam: dict, files: Sequence[
             where = f"{path}: row {i + 2}"
             reader, exam, case = str(row.reader), str(row.exam), str(row.case)
             if reader not in readers:
-                raise PerceptcoreError(f"reader {reader!r} is not in the assignment", where)
+                raise PerceptcoreError(f"reader {short_repr(reader)} is not in the assignment", where)
             if (reader, exam) not in severity_of:
-                raise PerceptcoreError(f"exam {exam!r} was not assigned to reader {reader!r}", where)
+                raise PerceptcoreError(f"exam {short_repr(exam)} was not assigned to reader {reader!r}", where)
             if case not in cases_of_exam.get(exam, ()):
-                raise PerceptcoreError(f"case {case!r} is not a case of exam {exam!r}", where)
+                raise PerceptcoreError(f"case {short_repr(case)} is not a case of exam {exam!r}", where)
             value = _call(row.call, calls, where)
             key = (reader, case)
             if key in seen:
@@ -97,11 +97,11 @@ def _call(value, calls: str, where: str) -> float:
     try:
         number = float(text)
     except ValueError:
-        raise PerceptcoreError(f"call {text!r} is not a number", where) from None
+        raise PerceptcoreError(f"call {short_repr(text)} is not a number", where) from None
     allowed = number in (0.0, 1.0) if calls == "binary" else 0.0 <= number <= 1.0
     if not allowed:
         expected = "0 or 1" if calls == "binary" else "a probability in [0, 1]"
-        raise PerceptcoreError(f"call {text!r} is out of range: expected {expected}", where)
+        raise PerceptcoreError(f"call {short_repr(text)} is out of range: expected {expected}", where)
     return number
 
 
