@@ -12,7 +12,7 @@ from perceptcore.latent_model import FitSettings
 from perceptcore.plugins import load_registry
 from perceptcore.run import Grouping
 from perceptcore.spec import AnalysesSection
-from perceptcore_plugins.metrics.simpsons_paradox import SimpsonsParadox, check
+from perceptcore_plugins.metrics.simpsons_paradox import SimpsonsParadox, band_threshold, check
 
 try:
     from simulate import PUBLISHED_SUBGROUPS, paradox_flags, ramp, simulate_subgroup_study
@@ -49,8 +49,10 @@ def test_no_flag_when_the_subgroups_share_the_effect():
 
 
 def test_no_flag_when_the_subgroup_merely_shows_no_detectable_change():
-    # The old rule flagged this (merged significant, subgroup not): a's sd 1 leaves its effect open.
-    a, b, merged = normal(0.0, 1.0, 1), normal(-2.0, 0.1, 2), normal(-1.0, 0.1, 3)
+    # The old rule flagged this (merged significant, subgroup not): a's sd 1 leaves its effect open, at
+    # every severity and on average (one uncertain effect shared by the severities, as a shared reference makes it).
+    a = np.repeat(normal(0.0, 1.0, 1)[:, :1], S, axis=1)
+    b, merged = normal(-2.0, 0.1, 2), normal(-1.0, 0.1, 3)
     assert not any(flags(a, b, merged)[1:])
 
 
@@ -58,17 +60,37 @@ def test_no_flag_when_the_merged_effect_did_not_change():
     assert not any(flags(normal(0.0, 0.1, 1), normal(-2.0, 0.1, 2), normal(0.0, 0.1, 3)))
 
 
-def test_bonferroni_level_over_severities():
-    """(iii) holds when P(b - a >= 0) < alpha / 2 / severities (two-sided alpha, as findings.finding)."""
-    level = ALPHA / 2 / S  # 0.003125
+def test_band_level_between_bonferroni_and_a_single_test():
+    """band_threshold against brute force: independent severities need Sidak's level, identical ones none."""
+    rng = np.random.default_rng(0)
+    level, columns = 0.05, 9
+    independent = rng.normal(size=(200_000, columns))
+    sidak = (1 - (1 - level) ** (1 / columns)) / 2  # one-sided, per column
+    assert band_threshold(independent, level) == pytest.approx(sidak, rel=0.05)
+    identical = np.repeat(independent[:, :1], columns, axis=1)
+    assert band_threshold(identical, level) == pytest.approx(level / 2, rel=0.02)
+    # Correlated columns: the band holds at all columns at once in 1 - level of fresh draws.
+    shared = rng.normal(size=(200_000, 1)) + 0.5 * rng.normal(size=(200_000, columns))
+    q = band_threshold(shared, level)
+    assert sidak * 1.5 < q < level / 2
+    low, high = np.quantile(shared, q, axis=0), np.quantile(shared, 1 - q, axis=0)
+    fresh = rng.normal(size=(200_000, 1)) + 0.5 * rng.normal(size=(200_000, columns))
+    outside = ((fresh < low) | (fresh > high)).any(axis=1).mean()
+    assert outside == pytest.approx(level, abs=0.003)
+
+
+def test_difference_must_leave_the_band():
+    """(iii) holds when P(b - a >= 0) is below the band's level, here that of identical columns."""
     a, merged = np.zeros((1000, S)), np.full((1000, S), -1.0)
-    for ties, expected in ((3, True), (4, False)):  # 3/1000 < 0.003125 < 4/1000
-        b = np.full((1000, S), -1.0)
-        b[:ties] = 0.0  # b - a >= 0 in exactly `ties` draws
-        result = check({"a": a, "b": b}, merged, ALPHA, MARGIN)
-        assert result["a"]["p_differ"] == [ties / 1000] * S
-        assert result["a"]["threshold"] == pytest.approx(level)
-        assert all(result["a"]["flagged"]) is expected
+    b = np.repeat(np.random.default_rng(1).normal(-1.0, 0.3, size=(1000, 1)), S, axis=1)
+    result = check({"a": a, "b": b}, merged, ALPHA, MARGIN)
+    q = result["a"]["threshold"][0]
+    p = float(np.mean(b[:, 0] >= 0))
+    assert q == pytest.approx(band_threshold(b - a, ALPHA), abs=1e-12)
+    assert result["a"]["p_differ"] == [p] * (S + 1)
+    assert all(result["a"]["flagged"]) is (p < q)
+    shifted = b + 0.5  # the difference now reaches 0 in about 5 % of the draws: inside the band
+    assert not any(check({"a": a, "b": shifted}, merged, ALPHA, MARGIN)["a"]["flagged"])
 
 
 # --------------------------------------------------------------------------- calibration on simulated studies
@@ -145,8 +167,8 @@ def test_table_names_the_flagged_severities():
     assert list(table.columns) == list(SimpsonsParadox.outputs["simpsons_paradox"])
     rows = table[table.analysis == "predictive_confidence"].set_index("subgroup")
     a, b = rows.loc["a"], rows.loc["b"]
-    assert a.differs and a.severities == "1, 2, 4" and a.split_finding == "unchanged"
+    assert a.differs and a.severities == "1, 2, 4, mean" and a.split_finding == "unchanged"
     assert a.merged_finding == "lowered" and a.merged_subgroup == "a+b"
-    assert a.p_differ == 0 and a.p_threshold == pytest.approx(ALPHA / 3 / 2)
+    assert a.p_differ == 0 and ALPHA / 4 / 2 <= a.p_threshold <= ALPHA / 2  # 3 severities and their mean
     assert not b.differs and b.severities == "" and b.split_finding == "lowered" and b.p_differ == 1
     assert set(table.analysis) == {"predictive_confidence", "bayesian_separability"} and len(table) == 4
