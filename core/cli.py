@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     except PerceptcoreError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no results were written (finished prediction work units stay in the cache)",
@@ -80,21 +80,47 @@ def main(argv=None) -> int:
         return 130
 
 
+MAX_ERROR = 500  # characters of an error line: room for two long absolute paths
+
+
+def one_line(message: str) -> str:
+    """An error as one short printable line: control characters (a newline in a path or a value)
+    escaped, and a message that still runs long cut in the middle, keeping where it is (the start)
+    and how it ends."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    if len(text) > MAX_ERROR:
+        head = MAX_ERROR * 2 // 3
+        text = text[:head] + " … " + text[-(MAX_ERROR - head - 3):]
+    return text
+
+
 def _study(args):
-    from .dataset import with_generated_data
+    from .dataset import generated, with_generated_data
     from .plugins import load_registry
+    from .resources import stage
     from .robustness import Robustness
-    from .run import Study, check_out_dir, progress_to_stderr
+    from .run import Study, check_out_dir, claim_out_dir, default_out_dir, progress_to_stderr, release_out_dir
     from .runner import ImageWork, Runner
-    from .spec import load_spec
+    from .spec import check_plugins, load_spec
     from .training import TrainingLog, trainings_of
 
     spec = load_spec(args.spec, args.overrides)
-    if args.command == "run":  # before any work: refuse an --out that is not an earlier run
-        check_out_dir(_out_dir(args, spec))
+    if args.command == "run":  # before any work: lock --out; refuse one that cannot be written or is not a run
+        claim_out_dir(_out_dir(args, spec))
+    elif args.command == "validate":
+        try:
+            check_out_dir(default_out_dir(spec))
+        except PerceptcoreError as exc:  # the folder came from the spec: name its key too
+            raise exc.at(f"{spec.source}: outputs.dir" if spec.outputs.dir else spec.source) from None
     registry = load_registry()
     try:
-        spec = with_generated_data(spec, registry, progress_to_stderr)
+        check_plugins(spec, registry)  # before any data is generated, read, trained or predicted
+        if args.command == "validate" and not generated(spec, registry):  # validate generates nothing
+            print(f"{spec.source}: ok — the run will generate dataset {spec.dataset.name!r}; the data are checked "
+                  "when they exist")
+            return []
+        with stage("data"):  # timings.json: a generated dataset's time is the run's data stage
+            spec = with_generated_data(spec, registry, progress_to_stderr)
         trainings = trainings_of(spec, registry)
         work = ImageWork.of(spec, registry, trainings)
         robustness = Robustness(spec, work, progress_to_stderr) if spec.robustness else None
@@ -113,10 +139,13 @@ def _study(args):
             training.run(progress_to_stderr)
         if args.command == "train":
             return list(trainings.values())
-        parts = [Study(runner.run(progress_to_stderr), registry)] if spec.perception else []
+        log = TrainingLog(list(trainings.values())) if trainings else None  # the report draws its curves
+        parts = [Study(runner.run(progress_to_stderr), registry, training_log=log)] if spec.perception else []
         parts += [robustness] if robustness else []
-        return parts + ([TrainingLog(list(trainings.values()))] if trainings else [])
+        return parts + ([log] if log else [])
     except PerceptcoreError as exc:
+        if args.command == "run":
+            release_out_dir(_out_dir(args, spec))  # nothing was written: the next run may have --out
         raise exc.at(spec.source) from None
 
 

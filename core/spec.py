@@ -7,7 +7,9 @@ every output row.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +26,7 @@ from .reader_study import SCHEMES as READER_STUDY_SCHEMES
 DEFAULT_METRICS = ("predictive_confidence", "ks_separability", "bayesian_separability", "simpsons_paradox",
                    "roi_separability")
 FIGURE_FORMATS = ("png", "svg", "pdf")
+LIKELIHOODS = ("auto", "binary", "soft")
 
 
 @attrs.frozen
@@ -271,12 +274,42 @@ LIST_OF = {("Spec", "observers"): ObserverSection, ("Spec", "training"): Trainin
 
 # --------------------------------------------------------------------------- YAML with text kept
 
+# What a spec may cost before anything reads it: a spec is a few hundred values, so these only stop
+# hostile or broken input (alias bombs, recursive aliases, runaway nesting, huge files).
+MAX_SPEC_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_VALUES = 100_000  # values once YAML aliases are expanded
+SHOWN = 80  # characters of a bad value echoed in a message
+
+
 class _Text(str):
     """A scalar that YAML read as a number, remembered as written."""
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_object(self, node, deep=False):
+        # The scalar constructors raise plain ValueError/KeyError/IndexError on bad content
+        # (`!!int x`, `!!bool maybe`, `!!float ''`, `!!timestamp 2020-13-45`): report them as YAML
+        # errors at the node's line, like every other YAML error.
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.tag.replace('tag:yaml.org,2002:', '!!')} value {_show(node.value)} cannot be read "
+                "as that type", node.start_mark) from None
+
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys; a spec that says two things must not mean one.
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_show(key_node.value)} is given twice", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
 
 def _keep_text(loader, node):
@@ -291,9 +324,125 @@ class _Number:
     def __init__(self, value, text):
         self.value, self.text = value, text
 
+    def __repr__(self):  # any message that shows one shows it as written
+        return self.text
+
 
 for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
     _Loader.add_constructor(_tag, _keep_text)
+
+
+def _parse_yaml(text: str, what: str):
+    """YAML text as Python values, every failure a PerceptcoreError (`what` names the source)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark and what == "spec" else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PerceptcoreError(f"{line}not valid YAML: {_shorten(problem)}") from None
+    except RecursionError:
+        raise PerceptcoreError(f"not valid YAML: nested more than {MAX_DEPTH} levels deep") from None
+
+
+def _normalise(value, where: str, depth: int = 0, budget: list | None = None):
+    """A copy of parsed YAML with every mapping key as text (numbers as written), bounded in depth
+    and expanded size (aliases are copied, so an alias bomb or a recursive alias stops here), and
+    no NUL character or unpaired surrogate in any text (neither can be a path or be printed)."""
+    budget = [MAX_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise PerceptcoreError(f"more than {MAX_VALUES} values once YAML aliases are expanded", where or None)
+    if depth > MAX_DEPTH:
+        raise PerceptcoreError(f"nested more than {MAX_DEPTH} levels deep (a recursive YAML alias?)",
+                               _short_where(where))
+    if isinstance(value, str):
+        if "\0" in value:
+            raise PerceptcoreError(f"text {_show(value)} holds a NUL character", where or None)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PerceptcoreError(f"text {_show(value)} is not valid Unicode", where or None) from None
+        return value
+    if isinstance(value, list):
+        return [_normalise(v, _join(where, i), depth + 1, budget) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            name = _normalise(_key_text(key), where, depth + 1, budget)
+            if name in out:
+                raise PerceptcoreError(f"key {_show(name)} is given twice", where or None)
+            out[name] = _normalise(item, _join(where, _key_where(name)), depth + 1, budget)
+        return out
+    return value
+
+
+def _key_text(key) -> str:
+    if isinstance(key, _Number):
+        return key.text
+    if isinstance(key, bool) or key is None:
+        return {True: "true", False: "false", None: "null"}[key]
+    return str(key)
+
+
+def _short_where(where: str) -> str | None:
+    parts = where.split(".")
+    return ".".join(parts[:3]) + ".…" if len(parts) > 3 else where or None
+
+
+def _show(value, limit: int = SHOWN) -> str:
+    """A value as the user wrote it, for a message: numbers as written, text quoted, at most
+    `limit` characters (longer values end in an ellipsis)."""
+    pieces, length = [], 0
+    for piece in _render(value):
+        pieces.append(piece)
+        length += len(piece)
+        if length > limit:
+            break
+    return _shorten("".join(pieces), limit)
+
+
+def _render(value):
+    """The pieces of `value`'s written form, lazily: a huge value is cut after its first pieces."""
+    if isinstance(value, _Number):
+        yield value.text
+    elif isinstance(value, bool):
+        yield "true" if value else "false"
+    elif value is None:
+        yield "null"
+    elif isinstance(value, dict):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield key[:SHOWN + 1] if isinstance(key, str) else "".join(_render(key))  # keys are text: as written
+            yield ": "
+            yield from _render(item)
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "["
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _render(item)
+        yield "]"
+    elif isinstance(value, str):
+        yield repr(value[:SHOWN + 1])
+    else:
+        yield str(value)
+
+
+def _key_where(key: str, limit: int = 40) -> str:
+    """A key as part of an error's location: printable (control characters escaped) and short."""
+    return _shorten(repr(str(key))[1:-1], limit)
+
+
+def _shorten(text: str, limit: int = SHOWN) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _suggest(name, choices) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _plain(value):
@@ -314,22 +463,25 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
     path = Path(path)
     where = str(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise PerceptcoreError(f"spec file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PerceptcoreError(f"cannot read spec file: {exc}", where) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, or not UTF-8
+        raise PerceptcoreError(f"cannot read spec file: {_shorten(exc, 200)}", where) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise PerceptcoreError(f"larger than {MAX_SPEC_BYTES} bytes: not a study spec", where)
     try:
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        raise PerceptcoreError(f"{line}not valid YAML: {getattr(exc, 'problem', exc)}", where) from None
+        raw = _normalise(_parse_yaml(text, "spec"), "")
+    except PerceptcoreError as exc:
+        raise exc.at(where) from None
     if not isinstance(raw, dict):
         raise PerceptcoreError("a spec is a mapping of sections (study, cases, observers, …)", where)
     for override in overrides:
         _apply_override(raw, override)
     try:
+        raw = _normalise(raw, "")  # the overrides' values together with the file's
         spec = structure(Spec, raw, "")
     except PerceptcoreError as exc:
         raise exc.at(where) from None
@@ -343,36 +495,45 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
 
 # Paths given on the command line are relative to where the command runs.
 _CWD_RELATIVE = {"data_dir", "outputs.dir"}
+_INDEX = re.compile(r"[0-9]+")
 
 
 def _apply_override(raw: dict, override: str) -> None:
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
-        raise PerceptcoreError(f"expected key=value, got {override!r}", "--set")
+        raise PerceptcoreError(f"expected key=value, got {_show(override)}", "--set")
     key = key.strip()
-    parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""
-    if key in _CWD_RELATIVE:
-        parsed = str(Path(value.strip()).resolve())
+    here = f"--set {_key_where(key, SHOWN)}"
+    if key in _CWD_RELATIVE:  # a path, taken as written (not YAML)
+        if "\0" in value:
+            raise PerceptcoreError("the path holds a NUL character", here)
+        try:
+            parsed = str(Path(value.strip()).resolve())
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise PerceptcoreError(f"not a usable path: {_shorten(exc)}", here) from None
+    else:
+        try:
+            parsed = _normalise(_parse_yaml(value, "--set"), "") if value.strip() else ""
+        except PerceptcoreError as exc:
+            raise PerceptcoreError(exc.message, here) from None
     parts = key.replace("]", "").replace("[", ".").split(".")
     node = raw
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise PerceptcoreError(f"{'.'.join(parts[:i + 1])}: no such list item", f"--set {key}")
-            node = node[int(part)]
+            if not _INDEX.fullmatch(part) or int(part) >= len(node):
+                raise PerceptcoreError(f"{_shorten('.'.join(parts[:i + 1]))}: no such list item", here)
+            if last:
+                node[int(part)] = parsed
+            else:
+                node = node[int(part)]
         elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            if last:
+                node[part] = parsed
+            else:
+                node = node.setdefault(part, {})
         else:
-            raise PerceptcoreError(f"{'.'.join(parts[:i])} is not a section", f"--set {key}")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise PerceptcoreError(f"{key}: no such list item", f"--set {key}")
-        node[int(last)] = parsed
-    elif isinstance(node, dict):
-        node[last] = parsed
-    else:
-        raise PerceptcoreError(f"{'.'.join(parts[:-1])} is not a section", f"--set {key}")
+            raise PerceptcoreError(f"{_shorten('.'.join(parts[:i]))} is not a section", here)
 
 
 def _join(where: str, key) -> str:
@@ -385,13 +546,14 @@ def structure(cls, raw, where: str):
     """An attrs class (a spec section, a plugin's Options) from a spec mapping: unknown keys and
     wrong types are errors at `where`."""
     if not isinstance(raw, dict):
-        raise PerceptcoreError(f"expected a mapping with keys {', '.join(_keys(cls))}", where or None)
+        raise PerceptcoreError(f"expected a mapping with keys {', '.join(_keys(cls))}, got {_show(raw)}",
+                               where or None)
     fields = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        raise PerceptcoreError(
-            f"unknown key {unknown[0]!r}; expected one of {', '.join(fields)}", _join(where, unknown[0])
-        )
+        name = unknown[0]
+        raise PerceptcoreError(f"unknown key {_show(name, 40)}{_suggest(name, fields)}; expected one of "
+                               f"{_shorten(', '.join(fields), 200)}", _join(where, _key_where(name)))
     hints = typing.get_type_hints(cls)
     values = {}
     for name, field in fields.items():
@@ -403,8 +565,8 @@ def structure(cls, raw, where: str):
         values[name] = _convert(hints[name], raw[name], here, (cls.__name__, name))
     try:
         return cls(**values)
-    except (ValueError, TypeError) as exc:  # a plugin's Options validators
-        raise PerceptcoreError(str(exc), where or None) from None
+    except Exception as exc:  # a plugin's Options validators and converters
+        raise PerceptcoreError(_shorten(exc, 200), where or None) from None
 
 
 def structure_options(cls, raw, where: str, spec: "Spec"):
@@ -426,6 +588,11 @@ def _keys(cls):
     return [f.name for f in attrs.fields(cls) if not f.metadata.get("internal")]
 
 
+# The column names a tidy table's `columns` mapping may rename (data.py reads the defaults).
+COLUMN_KEYS = {("ObserverSection", "columns"): ("reader", "severity", "case", "prediction"),
+               ("RoiSection", "columns"): ("annotator", "reader", "severity", "case", "region", "prediction")}
+
+
 def _convert(hint, value, where, field_id):
     origin = typing.get_origin(hint)
     if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
@@ -442,9 +609,28 @@ def _convert(hint, value, where, field_id):
         return tuple(_scalar(str, item, _join(where, i)) for i, item in enumerate(items))
     if hint is dict:
         if not isinstance(value, dict):
-            raise PerceptcoreError("expected a mapping", where)
+            raise PerceptcoreError(f"expected a mapping, got {_show(value)}", where)
+        if field_id in COLUMN_KEYS:
+            return _columns(value, COLUMN_KEYS[field_id], where)
         return _plain(value)
     return _scalar(hint, value, where)
+
+
+def _columns(value: dict, known: tuple, where: str) -> dict:
+    """A `columns` mapping: known keys only, each a column name (`case` may list several)."""
+    out = {}
+    for key, item in value.items():
+        here = _join(where, _key_where(key))
+        if key not in known:
+            raise PerceptcoreError(f"unknown key {_show(key, 40)}{_suggest(key, known)}; expected one of "
+                                   f"{', '.join(known)}", here)
+        if key == "case" and isinstance(item, list):
+            if not item:
+                raise PerceptcoreError("name at least one id column", here)
+            out[key] = tuple(_scalar(str, v, _join(here, i)) for i, v in enumerate(item))
+        else:
+            out[key] = _scalar(str, item, here)
+    return out
 
 
 def _scalar(kind, value, where):
@@ -452,29 +638,69 @@ def _scalar(kind, value, where):
     plain = value.value if isinstance(value, _Number) else value
     if kind is str:
         if isinstance(plain, (dict, list)) or isinstance(plain, bool):
-            raise PerceptcoreError(f"expected text, got {plain!r}", where)
+            raise PerceptcoreError(f"expected text, got {_show(value)}", where)
         return text if text is not None else str(plain)
     if kind is bool:
         if not isinstance(plain, bool):
-            raise PerceptcoreError(f"expected true or false, got {plain!r}", where)
+            raise PerceptcoreError(f"expected true or false, got {_show(value)}", where)
         return plain
     if kind is int:
         if isinstance(plain, bool) or not isinstance(plain, int):
-            raise PerceptcoreError(f"expected a whole number, got {plain!r}", where)
+            raise PerceptcoreError(f"expected a whole number, got {_show(value)}", where)
         return plain
     if kind is float:
         if isinstance(plain, bool) or not isinstance(plain, (int, float)):
-            raise PerceptcoreError(f"expected a number, got {plain!r}", where)
-        return float(plain)
+            raise PerceptcoreError(f"expected a number, got {_show(value)}", where)
+        try:
+            return float(plain)
+        except OverflowError:  # an int beyond float's range
+            raise PerceptcoreError(f"{_show(value)} is too large", where) from None
     raise TypeError(kind)
 
 
 # --------------------------------------------------------------------------- checks needing no data
 
+# Names become folder and file names: plain ASCII, no path separators, no "..", not too long.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_SEED = 2**32 - 1  # CmdStan's seed is an unsigned 32-bit int; numpy and torch take it too
+# (low, high) of every whole number a value can make expensive (memory, time, processes).
+BOUNDS = {
+    "study.seed": (0, MAX_SEED), "model.seed": (0, MAX_SEED),
+    "model.draws": (1, 100_000), "model.max_iterations": (1, 10_000_000), "model.chains": (1, 64),
+    "model.warmup": (1, 1_000_000), "model.workers": (1, 256),
+    "runner.batch_size": (1, 100_000), "runner.workers": (1, 256),
+    "calibration.folds": (2, 100), "calibration.bins": (1, 1000),
+}
+TRAINING_BOUNDS = {"seeds": (1, 1000), "epochs": (1, 100_000), "batch_size": (1, 100_000)}
+MAX_ITEMS = 100  # severities, observers, trainings, perturbations, strengths, checkpoints: each is work
+
+
+def _value(spec, dotted: str):
+    value = spec
+    for part in dotted.split("."):
+        value = getattr(value, part) if value is not None else None
+    return value
+
+
 def _check(spec: Spec) -> None:
     def fail(message, where):
         raise PerceptcoreError(message, where)
 
+    if not _STUDY_NAME.fullmatch(spec.study.name) or ".." in spec.study.name:
+        fail(f"study name {_show(spec.study.name)} must be a plain name: letters, digits, '.', '_' and '-', "
+             "at most 64, no path", "study.name")
+    for key, (low, high) in BOUNDS.items():
+        value = _value(spec, key)
+        if value is not None and value < low:
+            fail(f"must be at least {low}", key)
+        if value is not None and value > high:
+            fail(f"must be at most {high}, got {_show(value)}", key)
+    for key in ("observers", "training", "severities.levels", "calibration.strengths",
+                "robustness.perturbations"):
+        value = _value(spec, key)
+        if value is not None and len(value) > MAX_ITEMS:
+            fail(f"lists {len(value)} items; at most {MAX_ITEMS} are allowed", key)
     if spec.robustness is None or spec.perception:
         for section in ("severities", "subgroups"):
             if getattr(spec, section) is None:
@@ -484,10 +710,14 @@ def _check(spec: Spec) -> None:
     trainings = _check_training(spec, fail)
     names = [o.name for o in spec.observers]
     for i, name in enumerate(names):
-        if not name.replace("_", "").replace("-", "").isalnum():
-            fail(f"observer name {name!r} may hold only letters, digits, '_' and '-'", f"observers[{i}].name")
+        if not _NAME.fullmatch(name):
+            fail(f"observer name {_show(name)} may hold only letters, digits, '_' and '-' (at most 64)",
+                 f"observers[{i}].name")
         if names.index(name) != i:
-            fail(f"observer name {name!r} is used twice", f"observers[{i}].name")
+            fail(f"observer name {_show(name)} is used twice", f"observers[{i}].name")
+        if len(spec.observers[i].checkpoints) > MAX_ITEMS:
+            fail(f"lists {len(spec.observers[i].checkpoints)} checkpoints; at most {MAX_ITEMS} are allowed",
+                 f"observers[{i}].checkpoints")
         observer = spec.observers[i]
         sources = [observer.predictions, observer.model, observer.trained]
         if sum(source is not None for source in sources) != 1:
@@ -495,7 +725,8 @@ def _check(spec: Spec) -> None:
                  "(the name of a training entry)", f"observers[{i}]")
         if observer.trained is not None and observer.trained not in trainings:
             listing = ", ".join(trainings) or "none (add a `training` section)"
-            fail(f"no training named {observer.trained!r}; trainings are {listing}", f"observers[{i}].trained")
+            fail(f"no training named {_show(observer.trained)}{_suggest(observer.trained, trainings)}; trainings are "
+                 f"{_shorten(listing)}", f"observers[{i}].trained")
         if observer.model is not None and not observer.checkpoints:
             fail("a model observer needs at least one checkpoint (each is one reader)", f"observers[{i}].checkpoints")
         if observer.model is None and (observer.checkpoints or observer.options):
@@ -504,11 +735,12 @@ def _check(spec: Spec) -> None:
         if observer.predictions is None:
             for section in ("images", "perturbation") if spec.perception else ("images",):
                 if getattr(spec, section) is None:
-                    fail(f"observer {name!r} is computed by a model, which needs an `{section}` section",
+                    fail(f"observer {_show(name)} is computed by a model, which needs an `{section}` section",
                          f"observers[{i}].{'model' if observer.model else 'trained'}")
         if observer.reader_study is not None:
             if observer.reader_study not in READER_STUDY_SCHEMES:
-                fail(f"unknown scheme {observer.reader_study!r}; expected {' or '.join(READER_STUDY_SCHEMES)}",
+                fail(f"unknown scheme {_show(observer.reader_study)}{_suggest(observer.reader_study, READER_STUDY_SCHEMES)}; "
+                     f"expected {' or '.join(READER_STUDY_SCHEMES)}",
                      f"observers[{i}].reader_study")
             if observer.predictions is not None or not spec.perception:
                 fail("only observers computed from images in a perception study read through a reader-study design",
@@ -516,15 +748,22 @@ def _check(spec: Spec) -> None:
         if observer.predictions is not None and not spec.perception:
             fail("a robustness-only study (no severities and subgroups) takes model observers only",
                  f"observers[{i}].predictions")
-        if spec.observers[i].likelihood not in ("auto", "binary", "soft"):
-            fail(f"unknown likelihood {spec.observers[i].likelihood!r}; expected auto, binary or soft",
+        if observer.likelihood not in LIKELIHOODS:
+            fail(f"unknown likelihood {_show(observer.likelihood)}{_suggest(observer.likelihood, LIKELIHOODS)}; "
+                 "expected auto, binary or soft",
                  f"observers[{i}].likelihood")
-    for key in ("batch_size", "workers"):
-        if getattr(spec.runner, key) < 1:
-            fail("must be at least 1", f"runner.{key}")
+    for key in ("analyses.metrics", "perturbation.regions", "model.parameterisations", "outputs.figures",
+                "cases.id", "images.id"):
+        items = _value(spec, key)
+        if items is not None and key.endswith(".id") and not items:
+            fail("name at least one id column", key)
+        for i, item in enumerate(items or ()):
+            if items.index(item) != i:
+                fail(f"{_show(item)} is listed twice", f"{key}[{i}]")
     for i, fmt in enumerate(spec.outputs.figures):
         if fmt not in FIGURE_FORMATS:
-            fail(f"unknown figure format {fmt!r}; expected {', '.join(FIGURE_FORMATS)}", f"outputs.figures[{i}]")
+            fail(f"unknown figure format {_show(fmt)}{_suggest(fmt, FIGURE_FORMATS)}; expected {', '.join(FIGURE_FORMATS)}",
+                 f"outputs.figures[{i}]")
     if spec.robustness is not None:
         _check_robustness(spec, fail)
     if not spec.perception:
@@ -544,9 +783,31 @@ def _check(spec: Spec) -> None:
         except ValueError:
             key = level
         if key in seen:
-            same = "" if levels[seen[key]] == level else f" (as {levels[seen[key]]!r})"
-            fail(f"severity {level!r} is listed twice{same}", f"severities.levels[{i}]")
+            same = "" if levels[seen[key]] == level else f" (as {_show(levels[seen[key]])})"
+            fail(f"severity {_show(level)} is listed twice{same}", f"severities.levels[{i}]")
         seen[key] = i
+        if not level.strip() or len(level) > 64:
+            fail(f"severity {_show(level)} must be a label of 1 to 64 characters", f"severities.levels[{i}]")
+        # Images are perturbed at the level's number: every bundled perturbation needs it finite and >= 0.
+        perturbed = any(o.computed for o in spec.observers) or any(t.per_severity for t in spec.training)
+        if spec.perturbation is not None and perturbed and not (isinstance(key, float) and 0 <= key < math.inf):
+            fail(f"severity {_show(level)} must be a finite number >= 0 to perturb images with it",
+                 f"severities.levels[{i}]")
+    # Severities grade the perturbation up from the unperturbed reference; published arrays and the
+    # random-walk prior take them in the listed order, so a reversed or shuffled list would relabel them.
+    previous = -math.inf
+    for i, level in enumerate(levels):
+        try:
+            number = float(level)
+        except ValueError:
+            number = math.nan
+        if not 0 <= number < math.inf:
+            fail(f"severity {_show(level)} is not a number >= 0 (the perturbation's strength)",
+                 f"severities.levels[{i}]")
+        if number <= previous:
+            fail(f"severity {_show(level)} does not exceed the one before it ({_show(levels[i - 1])}); list the "
+                 "severities in increasing order, the unperturbed reference first", f"severities.levels[{i}]")
+        previous = number
     if not spec.severities.unit.strip():
         fail("name the unit of the severities (e.g. mm)", "severities.unit")
     analysed = spec.subgroups.analyse
@@ -554,26 +815,24 @@ def _check(spec: Spec) -> None:
         fail("name at least one subgroup to analyse", "subgroups.analyse")
     for i, name in enumerate(analysed):
         if analysed.index(name) != i:
-            fail(f"subgroup {name!r} is listed twice", f"subgroups.analyse[{i}]")
+            fail(f"subgroup {_show(name)} is listed twice", f"subgroups.analyse[{i}]")
     model = spec.model
     if model.method not in METHODS:
-        fail(f"unknown method {model.method!r}; expected one of {', '.join(METHODS)}", "model.method")
+        fail(f"unknown method {_show(model.method)}{_suggest(model.method, METHODS)}; expected one of {', '.join(METHODS)}",
+             "model.method")
     if not model.parameterisations:
         fail(f"name at least one of {', '.join(PARAMETERISATIONS)}", "model.parameterisations")
     for i, p in enumerate(model.parameterisations):
         if p not in PARAMETERISATIONS:
-            fail(f"unknown parameterisation {p!r}; expected {' or '.join(PARAMETERISATIONS)}",
+            fail(f"unknown parameterisation {_show(p)}{_suggest(p, PARAMETERISATIONS)}; expected {' or '.join(PARAMETERISATIONS)}",
                  f"model.parameterisations[{i}]")
     if model.method == "nuts" and len(model.parameterisations) > 1:
         fail("parameterisations are chosen by ELBO, which NUTS does not give; list one (compare them with advi)",
              "model.parameterisations")
-    for key in ("draws", "max_iterations", "chains", "warmup", "workers"):
-        if getattr(model, key) is not None and getattr(model, key) < 1:
-            fail("must be at least 1", f"model.{key}")
     if not 0 < model.tolerance < 1:
         fail("must lie between 0 and 1", "model.tolerance")
     for key in ("b", "mu", "gamma", "nu"):
-        if getattr(model.priors, key) <= 0:
+        if not (math.isfinite(getattr(model.priors, key)) and getattr(model.priors, key) > 0):
             fail("a prior standard deviation must be positive", f"model.priors.{key}")
     if not 0 < spec.analyses.alpha < 1:
         fail("must lie between 0 and 1", "analyses.alpha")
@@ -584,19 +843,21 @@ def _check(spec: Spec) -> None:
     if spec.perturbation is not None:
         for i, region in enumerate(spec.perturbation.regions):
             if region not in REGIONS:
-                fail(f"unknown region {region!r}; expected one of {', '.join(REGIONS)}", f"perturbation.regions[{i}]")
+                fail(f"unknown region {_show(region)}{_suggest(region, REGIONS)}; expected one of {', '.join(REGIONS)}",
+                     f"perturbation.regions[{i}]")
         if "entire_image" not in spec.perturbation.regions:
             fail("include entire_image: the whole-image predictions are what the latent model analyses",
                  "perturbation.regions")
     roi = spec.roi
     if roi is not None:
         if roi.observer not in names:
-            fail(f"no observer group named {roi.observer!r}; observers are {', '.join(names)}", "roi.observer")
+            fail(f"no observer group named {_show(roi.observer)}{_suggest(roi.observer, names)}; observers are "
+                 f"{_shorten(', '.join(names))}", "roi.observer")
         published = (roi.interior, roi.exterior, roi.exams)
         modelled = spec.observer(roi.observer).computed
         if modelled:
             if roi.predictions is not None or any(p is not None for p in published):
-                fail(f"{roi.observer!r} is a model observer: the runner computes its ROI predictions; give no files",
+                fail(f"{_show(roi.observer)} is a model observer: the runner computes its ROI predictions; give no files",
                      "roi")
             regions = spec.perturbation.regions if spec.perturbation else ()
             if not {"roi_interior", "roi_exterior"} <= set(regions):
@@ -616,11 +877,12 @@ def _check_calibration(spec: Spec, fail) -> None:
     for i, name in enumerate(section.observers):
         where = f"calibration.observers[{i}]"
         if name not in names:
-            fail(f"no observer group named {name!r}; observers are {', '.join(names)}", where)
+            fail(f"no observer group named {_show(name)}{_suggest(name, names)}; observers are {_shorten(', '.join(names))}",
+                 where)
         if section.observers.index(name) != i:
-            fail(f"observer {name!r} is listed twice", where)
+            fail(f"observer {_show(name)} is listed twice", where)
         if spec.observer(name).likelihood == "binary":
-            fail(f"observer {name!r} gives 0/1 calls (likelihood: binary); only probabilities can be calibrated",
+            fail(f"observer {_show(name)} gives 0/1 calls (likelihood: binary); only probabilities can be calibrated",
                  where)
     if section.validation is not None and section.validation_cases is not None:
         fail("give validation (a fraction of the cases) or validation_cases (a file naming them), not both",
@@ -628,34 +890,33 @@ def _check_calibration(spec: Spec, fail) -> None:
     if not 0 < section.fraction < 1:
         fail("must be between 0 and 1 (the fraction of cases held out to fit the calibration)",
              "calibration.validation")
-    if section.folds < 2:
-        fail("must be at least 2", "calibration.folds")
-    if section.bins < 1:
-        fail("must be at least 1", "calibration.bins")
     for i, text in enumerate(section.strengths):
         try:
             strength = float(text)
         except ValueError:
             strength = float("nan")
         if not 0 < strength < float("inf"):
-            fail(f"an L2 strength must be a positive number, got {text!r}", f"calibration.strengths[{i}]")
+            fail(f"an L2 strength must be a positive number, got {_show(text)}", f"calibration.strengths[{i}]")
 
 
 def _check_training(spec: Spec, fail) -> list:
     names = [t.name for t in spec.training]
     for i, training in enumerate(spec.training):
         where = f"training[{i}]"
-        if not training.name.replace("_", "").replace("-", "").isalnum():
-            fail(f"training name {training.name!r} may hold only letters, digits, '_' and '-'", f"{where}.name")
+        if not _NAME.fullmatch(training.name):
+            fail(f"training name {_show(training.name)} may hold only letters, digits, '_' and '-' (at most 64)",
+                 f"{where}.name")
         if names.index(training.name) != i:
-            fail(f"training name {training.name!r} is used twice", f"{where}.name")
-        for key in ("seeds", "epochs", "batch_size"):
-            if getattr(training, key) < 1:
-                fail("must be at least 1", f"{where}.{key}")
-        if not training.learning_rate > 0:
-            fail("must be positive", f"{where}.learning_rate")
-        if training.weight_decay < 0:
-            fail("must not be negative", f"{where}.weight_decay")
+            fail(f"training name {_show(training.name)} is used twice", f"{where}.name")
+        for key, (low, high) in TRAINING_BOUNDS.items():
+            if getattr(training, key) < low:
+                fail(f"must be at least {low}", f"{where}.{key}")
+            if getattr(training, key) > high:
+                fail(f"must be at most {high}, got {getattr(training, key)}", f"{where}.{key}")
+        if not (math.isfinite(training.learning_rate) and training.learning_rate > 0):
+            fail("must be a positive number", f"{where}.learning_rate")
+        if not (math.isfinite(training.weight_decay) and training.weight_decay >= 0):
+            fail("must be a number >= 0", f"{where}.weight_decay")
         if training.per_severity and (not spec.perception or spec.perturbation is None):
             fail("per_severity trains on the spec's perturbation at each of its severities; give `severities` "
                  "and `perturbation` sections", f"{where}.per_severity")
@@ -670,9 +931,89 @@ def _check_robustness(spec: Spec, fail) -> None:
     per_severity = {t.name for t in spec.training if t.per_severity}
     for i, observer in enumerate(spec.observers):
         if observer.trained in per_severity:
-            fail(f"training {observer.trained!r} has one model per severity of the perception study; the "
+            fail(f"training {_show(observer.trained)} has one model per severity of the perception study; the "
                  "robustness study needs models trained once", f"observers[{i}].trained")
+    for i, item in enumerate(spec.robustness.perturbations):
+        if not 0 <= item.severity < math.inf:
+            fail(f"must be a finite number >= 0, got {item.severity}", f"robustness.perturbations[{i}].severity")
     names = [p.name for p in spec.robustness.perturbations]
     for i, name in enumerate(names):
         if names.index(name) != i:
-            fail(f"perturbation {name!r} is listed twice", f"robustness.perturbations[{i}].name")
+            fail(f"perturbation {_show(name)} is listed twice", f"robustness.perturbations[{i}].name")
+
+
+# --------------------------------------------------------------------------- checks needing the plugins
+
+def check_plugins(spec: Spec, registry) -> None:
+    """Everything the run would later reject that the spec and the loaded plugins decide: every plugin
+    name (with suggestions), every plugin's options, the backend for the method, the subgroups and
+    what each metric needs of the spec. Sections the run does not use are checked too. Raises
+    PerceptcoreError located at the spec's key; reads no data and writes nothing."""
+
+    def plugin(kind, name, where):
+        if len(name) > 64:  # plugin names are short identifiers; the registry's message would echo it whole
+            raise PerceptcoreError(f"unknown {kind} {_show(name)}", where)
+        return registry.get(kind, name, where)
+
+    if spec.dataset is not None:
+        generator = plugin("dataset", spec.dataset.name, "dataset.name")
+        structure(generator.Options, spec.dataset.options, "dataset.options")
+    if spec.perturbation is not None:
+        perturbation = plugin("perturbation", spec.perturbation.name, "perturbation.name")
+        structure(perturbation.Options, spec.perturbation.options, "perturbation.options")
+    for i, item in enumerate(spec.robustness.perturbations if spec.robustness else ()):
+        perturbation = plugin("perturbation", item.name, f"robustness.perturbations[{i}].name")
+        structure(perturbation.Options, item.options, f"robustness.perturbations[{i}].options")
+    for i, observer in enumerate(spec.observers):
+        if observer.model is not None:
+            model = plugin("model", observer.model, f"observers[{i}].model")
+            structure(model.Options, observer.options, f"observers[{i}].options")  # files: checked with the data
+    for i, training in enumerate(spec.training):
+        where = f"training[{i}]"
+        model = plugin("model", training.model, f"{where}.model")
+        from .training import GRADIENT  # here: training imports this module
+
+        gradient = all(hasattr(model, name) for name in GRADIENT)
+        if not gradient and not hasattr(model, "fit"):
+            raise PerceptcoreError(f"model {training.model!r} cannot be trained: it provides neither network, loss "
+                                   "and checkpoint nor fit", f"{where}.model")
+        if training.init is not None and not gradient:
+            raise PerceptcoreError(f"model {training.model!r} is fitted in closed form; there is nothing to fine-tune",
+                                   f"{where}.init")
+        structure(model.Options, training.options, f"{where}.options")
+    metrics = [plugin("metric", name, f"analyses.metrics[{i}]") for i, name in enumerate(spec.analyses.metrics)]
+    if spec.model.backend != "auto":
+        plugin("backend", spec.model.backend, "model.backend")
+    if not spec.perception:  # the latent model, subgroups and metrics are unused; their names are checked
+        return
+    definition = plugin("subgroups", spec.subgroups.definition, "subgroups.definition")
+    known = tuple(definition.subgroups)
+    for i, name in enumerate(spec.subgroups.analyse):
+        if name not in known:
+            raise PerceptcoreError(f"{definition.name!r} has no subgroup {_show(name)}{_suggest(name, known)}; its "
+                                   f"subgroups are {', '.join(known)}", f"subgroups.analyse[{i}]")
+    check_options = getattr(definition, "check_options", None)
+    if check_options is not None:
+        check_options(spec.subgroups.options, "subgroups.options")
+    for i, metric in enumerate(metrics):
+        check_spec = getattr(metric, "check_spec", None)
+        if check_spec is not None:
+            check_spec(spec, f"analyses.metrics[{i}]")
+    _check_backend(spec, registry, plugin)
+
+
+def _check_backend(spec: Spec, registry, plugin) -> None:
+    model = spec.model
+    if model.backend == "auto":
+        usable = [item.obj for item in registry.all("backend")
+                  if model.method in item.obj.methods and item.obj.unavailable_reason() is None]
+        if not usable:
+            raise PerceptcoreError(f"no installed backend can run method {model.method!r} here", "model.backend")
+        return
+    backend = plugin("backend", model.backend, "model.backend")
+    if model.method not in backend.methods:
+        raise PerceptcoreError(f"backend {backend.name!r} does not run method {model.method!r} (it runs "
+                               f"{', '.join(backend.methods)})", "model.method")
+    reason = backend.unavailable_reason()
+    if reason:
+        raise PerceptcoreError(f"backend {backend.name!r} cannot run here: {reason}", "model.backend")

@@ -305,7 +305,7 @@ def assert_run_fails(tmp_path, capsys, *fragments, files=None, **section):
 @pytest.mark.parametrize("section, message", [
     ({"validation": 1.5}, "spec.yaml: calibration.validation: must be between 0 and 1"),
     ({"validation": 0}, "spec.yaml: calibration.validation: must be between 0 and 1"),
-    ({"fold": 3}, "spec.yaml: calibration.fold: unknown key 'fold'; expected one of observers, validation"),
+    ({"fold": 3}, "spec.yaml: calibration.fold: unknown key 'fold' (did you mean 'folds'?); expected one of observers, validation"),
     ({"folds": 1}, "spec.yaml: calibration.folds: must be at least 2"),
     ({"bins": 0}, "spec.yaml: calibration.bins: must be at least 1"),
     ({"strengths": [0.1, -1]},

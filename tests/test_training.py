@@ -4,6 +4,7 @@ through a sparse reader-study design; generated datasets."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import attrs
@@ -93,6 +94,13 @@ def test_train_on_filtered_gives_one_model_per_severity_and_the_runner_uses_them
     assert not np.array_equal(table[table.severity == "2"].prediction, unfiltered[unfiltered.severity == "2"].prediction)
 
 
+def test_the_report_draws_the_training_curves_of_the_run(trained):
+    out = trained / "report"
+    assert main(["run", str(trained / "spec.yaml"), "--out", str(out), "--set", "outputs.report=true"]) == 0
+    assert "fig_training.png" in json.loads((out / "run.json").read_text())["outputs"]
+    assert "<figure id='fig_training'>" in (out / "report.html").read_text()
+
+
 def test_training_lowers_the_loss(tmp_path):
     spec_path = _study_with_training(tmp_path)
     spec = yaml.safe_load(spec_path.read_text())
@@ -165,7 +173,7 @@ def test_simulated_readers_read_through_a_sparse_design(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["observers"][1].update(trained="cnn_unfiltred"),
-     "observers[1].trained: no training named 'cnn_unfiltred'; trainings are cnn_unfiltered, cnn_filtered"),
+     "observers[1].trained: no training named 'cnn_unfiltred' (did you mean 'cnn_unfiltered'?); trainings are cnn_unfiltered, cnn_filtered"),
     (lambda s: s["observers"][1].update(model="small_cnn"),
      "observers[1]: give one of predictions (a file), model"),
     (lambda s: s["observers"][1].update(checkpoints=["cnn_seed0.pt"]),

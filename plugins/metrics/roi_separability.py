@@ -26,10 +26,13 @@ class RoiSeparability:
     name = "roi_separability"
     outputs = {"roi_separability": COLUMNS}
 
-    def check(self, study, where):
-        if study.roi is None:
+    def check_spec(self, spec, where):
+        if spec.roi is None:
             raise PerceptcoreError("roi_separability needs a `roi` section with the ROI-perturbation predictions",
                                    where)
+
+    def check(self, study, where):
+        self.check_spec(study.spec, where)
         group = study.observers[study.spec.roi.observer]
         if not np.isfinite(group.values[..., study.roi.cases]).all():
             raise PerceptcoreError(f"observer group {group.name!r} lacks whole-image predictions on some ROI-study "

@@ -8,6 +8,8 @@ microcalcifications (biopsied, visible only as calcifications), soft_tissue_lesi
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 import pandas as pd
 
@@ -33,13 +35,32 @@ class BreastLesions:
         "(default: `biopsied` when present, else label malignant or benign)",
     }
 
+    def check_options(self, options: dict, where: str) -> None:
+        """The options alone (called by `perceptcore validate` before any data is read): known keys,
+        and column names as text."""
+        for key, value in options.items():
+            if key not in self.options_help:
+                close = difflib.get_close_matches(str(key), list(self.options_help), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PerceptcoreError(f"unknown option {str(key)[:80]!r} for breast_lesions{hint}; expected "
+                                       f"{', '.join(self.options_help)}", f"{where}.{str(key)[:80]}")
+        for key in ("column", "biopsied"):
+            if key in options and not isinstance(options[key], str):
+                raise PerceptcoreError("expected the name of a column of the cases table", f"{where}.{key}")
+        findings = options.get("findings", {})
+        if not isinstance(findings, dict):
+            raise PerceptcoreError("expected a mapping from lesion type to column", f"{where}.findings")
+        for kind, column in findings.items():
+            if kind not in (CALCIFICATION, *SOFT_TISSUE):
+                close = difflib.get_close_matches(str(kind), [CALCIFICATION, *SOFT_TISSUE], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PerceptcoreError(f"unknown lesion type {str(kind)[:80]!r}{hint}; expected "
+                                       f"{', '.join((CALCIFICATION, *SOFT_TISSUE))}", f"{where}.findings.{str(kind)[:80]}")
+            if not isinstance(column, str):
+                raise PerceptcoreError("expected the name of a column of the cases table", f"{where}.findings.{kind}")
+
     def assign(self, cases: pd.DataFrame, options: dict, where: str) -> np.ndarray:
-        unknown = set(options) - set(self.options_help)
-        if unknown:
-            raise PerceptcoreError(
-                f"unknown option {sorted(unknown)[0]!r} for breast_lesions; expected {', '.join(self.options_help)}",
-                f"{where}.{sorted(unknown)[0]}",
-            )
+        self.check_options(options, where)
         column = options.get("column", "subgroup" if "subgroup" in cases.columns and "findings" not in options else None)
         if column is not None:
             return self._from_column(cases, column, where)
@@ -63,15 +84,7 @@ class BreastLesions:
 
     def _from_findings(self, cases, options, where):
         columns = {kind: kind for kind in (CALCIFICATION, *SOFT_TISSUE)}
-        findings = options.get("findings", {})
-        if not isinstance(findings, dict):
-            raise PerceptcoreError("expected a mapping from lesion type to column", f"{where}.findings")
-        for kind, column in findings.items():
-            if kind not in columns:
-                raise PerceptcoreError(
-                    f"unknown lesion type {kind!r}; expected {', '.join(columns)}", f"{where}.findings.{kind}"
-                )
-            columns[kind] = column
+        columns.update(options.get("findings", {}))  # checked by check_options
         missing = [c for c in columns.values() if c not in cases.columns]
         if missing:
             raise PerceptcoreError(
