@@ -8,8 +8,9 @@ renamed when complete, so an interrupted generation is redone and a finished one
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,25 +22,42 @@ from .runner import plugin_version, stable_hash
 from .spec import Spec, structure
 
 
-def with_generated_data(spec: Spec, registry: Registry, progress: Callable[[str], None]) -> Spec:
-    """The spec with data_dir pointing at its generated data (generated now if not cached)."""
+def generated(spec: Spec, registry: Registry) -> bool:
+    """Whether the spec's data exist: it generates none, or they are in the cache (checks the section)."""
+    return spec.dataset is None or _folder(spec, registry)[0].is_dir()
+
+
+def _folder(spec: Spec, registry: Registry) -> tuple:
+    """The cache folder of the spec's generated data, its generator and checked options."""
     section = spec.dataset
-    if section is None:
-        return spec
     generator = registry.get("dataset", section.name, "dataset.name")
     options = structure(generator.Options, section.options, "dataset.options")
     key = stable_hash([generator.name, plugin_version(registry, "dataset", generator.name),
                        attrs.asdict(options, recurse=True), spec.study.seed])
-    folder = Path(spec.base) / spec.runner.cache / "datasets" / f"{generator.name}-{key}"
+    return Path(spec.base) / spec.runner.cache / "datasets" / f"{generator.name}-{key}", generator, options
+
+
+def with_generated_data(spec: Spec, registry: Registry, progress: Callable[[str], None]) -> Spec:
+    """The spec with data_dir pointing at its generated data (generated now if not cached)."""
+    if spec.dataset is None:
+        return spec
+    folder, generator, options = _folder(spec, registry)
     if folder.is_dir():
         progress(f"dataset {generator.name}: using {folder}")
     else:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        # mkdir, not mkdtemp: the dataset gets the user's umask (mkdtemp's is owner-only).
+        staging = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        staging.mkdir()
         progress(f"dataset {generator.name}: generating into {folder}")
         try:
             generator.generate(options, staging, spec.study.seed, progress)
-            staging.rename(folder)
+            try:
+                staging.rename(folder)
+            except OSError:
+                if not folder.is_dir():
+                    raise
+                # Another run (a parallel sweep) generated the same data first: the key says they are equal.
         except PerceptcoreError:
             raise
         except Exception as exc:

@@ -115,10 +115,15 @@ class Robustness:
             write_csv(rows.drop(columns="model"), staging / name)
             files.append(name)
         figure = _figure(self.table)
-        for fmt in self.spec.outputs.figures:
-            figure.savefig(staging / f"fig_robustness.{fmt}", format=fmt)
-            files.append(f"fig_robustness.{fmt}")
+        import matplotlib
         import matplotlib.pyplot as plt
+
+        from .report import FIXED_METADATA, STYLE
+
+        for fmt in self.spec.outputs.figures:
+            with matplotlib.rc_context({"svg.hashsalt": STYLE["svg.hashsalt"]}):  # byte-identical reruns
+                figure.savefig(staging / f"fig_robustness.{fmt}", format=fmt, metadata=FIXED_METADATA.get(fmt))
+            files.append(f"fig_robustness.{fmt}")
 
         plt.close(figure)
         return files

@@ -7,15 +7,17 @@ tables — and it computes each thing once, on demand.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import fcntl
+import glob
 import json
-import multiprocessing
 import os
 import platform
+import secrets
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +33,7 @@ from .data import (Cases, RoiPredictions, case_ids, load_cases, load_observer_gr
 from .errors import PerceptcoreError
 from .latent_model import Fit, FitSettings, LatentModelData, inference_data, predictive_probability
 from .plugins import Registry
+from .resources import CLOCK, StageProgress, available_cores, budget, stage, worker_pool
 from .spec import Spec
 
 
@@ -53,16 +56,38 @@ class Grouping:
 
 
 def progress_to_stderr(message: str) -> None:
-    print(f"[perceptcore] {message}", file=sys.stderr, flush=True)
+    elapsed = CLOCK.elapsed()  # the whole run's time so far, beside each stage's own estimate
+    when = "" if elapsed is None else f" {int(elapsed) // 60}:{int(elapsed) % 60:02d}"
+    print(f"[perceptcore{when}] {message}", file=sys.stderr, flush=True)
 
 
 class Study:
     """One study: its spec, its data, and every result computed from them."""
 
-    def __init__(self, spec: Spec, registry: Registry, progress: Callable[[str], None] = progress_to_stderr):
+    def __init__(self, spec: Spec, registry: Registry, progress: Callable[[str], None] = progress_to_stderr,
+                 training_log=None):
+        """`training_log`: the run's training.TrainingLog, whose training curves the report draws."""
         self.spec = spec
         self.registry = registry
         self.progress = progress
+        self.training_log = training_log
+        with stage("data"):
+            self._load()
+        with stage("calibration"):
+            self.calibration = self._calibrate() if spec.calibration is not None else None
+        self.groupings = self._groupings()
+        for i, metric in enumerate(self.metrics):
+            check = getattr(metric, "check", None)
+            if check is not None:
+                check(self, f"analyses.metrics[{i}]")
+        self._fits: dict = {}
+        self._selected: dict = {}
+        self._predictive: dict = {}
+        self._tables: dict = {} if self.calibration is None else {"calibration": self.calibration.table}
+        self._computing: set = set()
+
+    def _load(self) -> None:
+        spec, registry = self.spec, self.registry
         self.severities = spec.severities.levels
         self.alpha = spec.analyses.alpha
         self.metrics = [registry.get("metric", name, f"analyses.metrics[{i}]")
@@ -75,17 +100,6 @@ class Study:
             for i, o in enumerate(spec.observers)
         }
         self.roi = self._load_roi()
-        self.calibration = self._calibrate() if spec.calibration is not None else None
-        self.groupings = self._groupings()
-        for i, metric in enumerate(self.metrics):
-            check = getattr(metric, "check", None)
-            if check is not None:
-                check(self, f"analyses.metrics[{i}]")
-        self._fits: dict = {}
-        self._selected: dict = {}
-        self._predictive: dict = {}
-        self._tables: dict = {} if self.calibration is None else {"calibration": self.calibration.table}
-        self._computing: set = set()
 
     # ------------------------------------------------------------------ loading
 
@@ -270,8 +284,9 @@ class Study:
                 if key + (parameterisation,) not in self._fits:
                     self.progress(f"fitting {observer} ({grouping.name} subgroups, {parameterisation}) "
                                   f"with {self.backend.name} {self.spec.model.method}")
-                    fit = self.backend.fit(self.model_data(observer, grouping, parameterisation), self.fit_settings(),
-                                           self.progress)
+                    with stage("fits"):
+                        fit = self.backend.fit(self.model_data(observer, grouping, parameterisation),
+                                               self.fit_settings(), self.progress)
                     self._report_fit(key + (parameterisation,), fit)
                     self._fits[key + (parameterisation,)] = fit
                 fits.append(self._fits[key + (parameterisation,)])
@@ -292,19 +307,22 @@ class Study:
         """
         jobs = [(o, g, p) for g in self.groupings for o in self.observers for p in self.spec.model.parameterisations
                 if (o, g.name, p) not in self._fits]
-        workers = min(self.spec.model.workers or os.cpu_count() or 1, len(jobs))
+        # At most one process per core, each with its share of the cores (core/resources.py).
+        workers, threads = budget(min(self.spec.model.workers or available_cores(), max(len(jobs), 1)))
         if workers < 2:
             return  # posterior() fits them as they are asked for
         self.progress(f"fitting {len(jobs)} latent models with {self.backend.name} {self.spec.model.method}, "
                       f"{workers} at a time")
-        # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {(o, g.name, p): pool.submit(_fit, self.backend, self.model_data(o, g, p), self.fit_settings())
+        # A backend running chains in parallel keeps within its share; the share does not change any number.
+        settings = attrs.evolve(self.fit_settings(), cores=threads)
+        with stage("fits"), worker_pool(workers, threads) as pool, \
+                StageProgress(self.progress, "fitting", len(jobs)) as shown:
+            futures = {(o, g.name, p): pool.submit(_fit, self.backend, self.model_data(o, g, p), settings)
                        for o, g, p in jobs}
             keys = {future: key for key, future in futures.items()}
             for future in concurrent.futures.as_completed(keys):
                 self._report_fit(keys[future], future.result())
+                shown.done()
         for key, future in futures.items():
             self._fits[key] = future.result()
 
@@ -324,13 +342,19 @@ class Study:
                 "observer": observer, "grouping": grouping, "parameterisation": parameterisation,
                 "backend": fit.backend, "method": fit.method, "elbo": fit.elbo, "log_evidence": fit.log_evidence,
                 "selected": self._selected.get((observer, grouping)) is fit,
-                "converged": fit.converged, "convergence": fit.convergence_note, "seconds": round(fit.seconds, 2),
+                "converged": fit.converged, "convergence": fit.convergence_note,
                 **{k: v for k, v in fit.diagnostics.items() if np.isscalar(v)},
             })
         return pd.DataFrame(rows)
 
     def fits(self) -> dict:
         return dict(sorted(self._fits.items(), key=self._fit_order))
+
+    def timings(self) -> dict:
+        """Wall-clock seconds of each fit: for timings.json, the one output that differs between identical runs."""
+        return {"fits": [{"observer": observer, "grouping": grouping, "parameterisation": parameterisation,
+                          "seconds": round(fit.seconds, 2)}
+                         for (observer, grouping, parameterisation), fit in self.fits().items()]}
 
     def _fit_order(self, item) -> tuple:
         """Spec order (grouping, observer, parameterisation), however the fits were asked for."""
@@ -369,9 +393,10 @@ class Study:
     def compute_all(self) -> dict[str, pd.DataFrame]:
         if any(getattr(metric, "uses_posterior", False) for metric in self.metrics):
             self.fit_all()
-        for metric in self.metrics:
-            for table_name in metric.outputs:
-                self.table(table_name)
+        with stage("analyses"):
+            for metric in self.metrics:
+                for table_name in metric.outputs:
+                    self.table(table_name)
         return dict(self._tables)
 
     # ------------------------------------------------------------------ outputs
@@ -397,7 +422,8 @@ class Study:
         files += self._write_posteriors(staging)
         files += self._copy_computed_predictions(staging)
         self.progress("drawing figures and the report")
-        files += report.write(self, dict(self._tables), fit_table, staging)
+        training = self.training_log.table() if self.training_log is not None else None
+        files += report.write(self, dict(self._tables), fit_table, staging, training=training)
         return files
 
     def _write_posteriors(self, staging: Path) -> list[str]:
@@ -437,7 +463,7 @@ class Study:
             "seed": self.spec.fit_seed,
             "parameterisations": list(self.spec.model.parameterisations),
             # Each fit runs on one torch thread; this many fit at once.
-            "fit_workers": min(self.spec.model.workers or os.cpu_count() or 1, max(len(self._fits), 1)),
+            "fit_workers": budget(min(self.spec.model.workers or available_cores(), max(len(self._fits), 1)))[0],
             "all_fits_converged": bool(fits["converged"].all()) if len(fits) else True,
         }
 
@@ -445,34 +471,199 @@ class Study:
 def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
     """Compute every part (a Study, a robustness study), then write them all into out_dir.
 
-    Everything is written to a staging folder beside out_dir and moved into place only when
-    all of it succeeded, so a failed run leaves no half-written outputs. Each part has
-    compute(), write_into(staging) -> file names, and manifest() -> entries of run.json.
+    Each part has compute(), write_into(staging) -> file names, manifest() -> entries of run.json
+    and optionally timings() -> entries of timings.json. Everything is written to a staging folder
+    beside out_dir and swapped into place only when all of it succeeded (see `_swap_into_place`),
+    so a failed or killed run leaves the previous results, never half-written ones. out_dir is
+    locked from `claim_out_dir` (called here if the command did not already) to the end.
+    The run's clock (`resources.CLOCK`) runs from the claim on out_dir to its release.
     """
-    started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
-    check_out_dir(out_dir)
-    for part in parts:
-        part.compute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    claim_out_dir(out_dir)
     try:
-        files = []
-        manifest = {"study": spec.study.name, "spec": spec.source, "perceptcore": __version__,
-                    "python": platform.python_version(), "seed": spec.study.seed, "environment": environment()}
         for part in parts:
-            files += part.write_into(staging)
-            manifest.update(part.manifest())
-        manifest["seconds"] = round(time.perf_counter() - started, 1)
-        manifest["outputs"] = sorted(files + ["run.json"])
-        (staging / "run.json").write_text(json.dumps(manifest, indent=2, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            with stage("analyses"):  # a part's own stages (fits, predictions) count as theirs
+                part.compute()
+        # mkdir, not mkdtemp: the run folder gets the user's umask (mkdtemp's is owner-only).
+        staging = out_dir.parent / f".{out_dir.name}.staging.{os.getpid()}.{secrets.token_hex(4)}"
+        staging.mkdir()
+        try:
+            files = []
+            manifest = {"study": spec.study.name, "spec": spec.source, "perceptcore": __version__,
+                        "python": platform.python_version(), "seed": spec.study.seed, "environment": environment()}
+            timings = {}
+            for part in parts:
+                with stage("report"):
+                    files += part.write_into(staging)
+                manifest.update(part.manifest())
+                timings.update(getattr(part, "timings", dict)())
+            # Wall-clock seconds live here alone, so every other file is byte-identical between identical runs.
+            # Wall time, CPU time of the run and of its worker processes, and each stage's share.
+            timings = {**CLOCK.timings(), **timings}
+            (staging / "timings.json").write_text(json.dumps(timings, indent=2))
+            manifest["outputs"] = sorted(files + ["run.json", "timings.json"])
+            (staging / "run.json").write_text(json.dumps(manifest, indent=2, default=str))
+            _swap_into_place(staging, out_dir)
+        except BaseException:
+            _recover(out_dir)  # our staging folder goes, and an interrupted swap brings the old run back
+            raise
+    finally:
+        release_out_dir(out_dir)
     return out_dir
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir by staging so that a kill at any point leaves a complete run at out_dir or
+    beside it: the old run is renamed to its backup name, the new one renamed into place, and the
+    backup deleted. `_recover` finishes or undoes a swap a kill interrupted."""
+    backup = _beside(out_dir, "previous")
+    if out_dir.exists():
+        out_dir.rename(backup)
+    staging.rename(out_dir)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _beside(out_dir: Path, what: str) -> Path:
+    """The hidden names a run uses next to out_dir: its lock, its staging folders, the backup of the old run."""
+    return out_dir.parent / f".{out_dir.name}.{what}"
+
+
+# Longest name a run creates next to out_dir, beyond the name itself: ".{name}.staging.{pid}.XXXXXXXX".
+_EXTRA_NAME = len("..staging.") + 7 + 1 + 8
+_CLAIMED: dict = {}  # out_dir -> the open, locked lock file, while this process writes out_dir
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """Before any work: check that a run can write out_dir, lock it against other runs, and finish
+    what a killed run left there (an interrupted swap, stale staging folders).
+
+    The lock is an flock on a file beside out_dir, held until `release_out_dir` or the process ends
+    (a killed run's lock goes with it). Claiming a folder this process holds does nothing."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir in _CLAIMED:
+        return
+    _check_writable(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PerceptcoreError(f"cannot create {out_dir.parent}: {exc.strerror}", "--out") from None
+    lock = _lock(out_dir)
+    try:
+        _recover(out_dir)
+        _check_existing(out_dir)
+    except BaseException:
+        _unlock(out_dir, lock)
+        raise
+    _CLAIMED[out_dir] = lock
+    CLOCK.start()  # the run's work starts now: data, training and predictions come before write_run
+
+
+def release_out_dir(out_dir: Path) -> None:
+    lock = _CLAIMED.pop(Path(out_dir).resolve(), None)
+    if lock is not None:
+        _unlock(Path(out_dir).resolve(), lock)
+        CLOCK.started = None  # the run is over: the next one starts its own clock
+
+
+def _release_all() -> None:
+    for out_dir in list(_CLAIMED):
+        release_out_dir(out_dir)
+
+
+atexit.register(_release_all)  # a run that failed before writing: its lock file goes when the process ends
+
+
+def _lock(out_dir: Path):
+    path = _beside(out_dir, "lock")
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise PerceptcoreError(f"another perceptcore run{f' (process {holder})' if holder else ''} is writing "
+                                   "this folder; wait for it to finish or choose another --out", str(out_dir)) from None
+        # The run before us removes the file when it is done; if it did after we opened it, lock the new one.
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            return handle
+        handle.close()
+
+
+def _unlock(out_dir: Path, handle) -> None:
+    _beside(out_dir, "lock").unlink(missing_ok=True)  # while still holding it: see `_lock`
+    handle.close()
+
+
+def _recover(out_dir: Path) -> None:
+    """Finish or undo what a killed run left (we hold the lock, so nothing else is writing here)."""
+    backup = _beside(out_dir, "previous")
+    if backup.exists():
+        if out_dir.exists():  # killed after the new run was in place: only deleting the old one was left
+            shutil.rmtree(backup)
+        else:  # killed between the two renames: the old run comes back
+            backup.rename(out_dir)
+    for stale in out_dir.parent.glob(glob.escape(f".{out_dir.name}.staging.") + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Whether a run could write out_dir, writing nothing that stays (validate calls it)."""
+    out_dir = Path(out_dir).resolve()
+    _check_writable(out_dir)
+    _check_existing(out_dir)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Every name fits the file system, and the nearest existing folder takes a new entry (a probe)."""
+    ancestor = out_dir.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    shown = str(out_dir) if len(str(out_dir)) <= 200 else f"{str(out_dir)[:100]}…{str(out_dir)[-60:]}"
+    if not ancestor.is_dir():
+        raise PerceptcoreError(f"{shown} is under {ancestor}, which is a file, not a folder", "--out")
+    limit = os.pathconf(ancestor, "PC_NAME_MAX")
+    created = out_dir.relative_to(ancestor).parts
+    for name in created:
+        extra = _EXTRA_NAME if name == out_dir.name else 0
+        if len(os.fsencode(name)) + extra > limit:
+            raise PerceptcoreError(f"{shown}: the folder name {name[:40]!r}… is {len(name)} characters; this file "
+                                   f"system allows {limit - extra} here", "--out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".perceptcore-probe-", dir=ancestor))
+    except OSError as exc:
+        raise PerceptcoreError(f"{shown} cannot be written: {ancestor}: {exc.strerror}", "--out") from None
+
+
+def _check_existing(out_dir: Path) -> None:
+    """Refuse to replace anything but an earlier perceptcore run, and one holding files it did not write:
+    a rerun replaces the whole folder, so those would be lost."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise PerceptcoreError("exists and is not a folder; choose another --out", str(out_dir))
+    found = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if not p.is_dir())
+    if not found:
+        return
+    try:
+        written = set(json.loads((out_dir / "run.json").read_text())["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PerceptcoreError("exists and is not an earlier perceptcore run; choose another --out",
+                               str(out_dir)) from None
+    foreign = [name for name in found if name not in written]
+    if foreign:
+        raise PerceptcoreError(f"holds {foreign[0]!r}, which perceptcore did not write ({len(foreign)} such files); "
+                               "a rerun replaces the whole folder, so move them away or choose another --out",
+                               str(out_dir))
 
 
 # Every package whose version can change a number of the run.
@@ -507,6 +698,7 @@ def environment() -> dict:
     plugins = {item.package: item.version for item in load_registry().all()}
     return {"packages": versions, "plugin_packages": dict(sorted(plugins.items())),
             "platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "available_cores": available_cores(),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -551,12 +743,6 @@ def _roi_subset(roi: RoiPredictions, keep: np.ndarray, n_cases: int) -> RoiPredi
 def _fit(backend, data: LatentModelData, settings: FitSettings) -> Fit:
     """One fit in a worker process (progress stays with the parent)."""
     return backend.fit(data, settings, lambda message: None)
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not an earlier perceptcore run."""
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "run.json").exists())):
-        raise PerceptcoreError("exists and is not an earlier perceptcore run; choose another --out", str(out_dir))
 
 
 def default_out_dir(spec: Spec) -> Path:

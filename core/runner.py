@@ -9,10 +9,11 @@ from images.
 Work is split into units of (observer, checkpoint, chunk of `runner.batch_size` cases).
 Each unit loads its images once, perturbs them at every severity and composites each
 region, and predicts the whole chunk at once. A finished unit is stored in the cache under
-a hash of everything it depends on (model, checkpoint contents, options, the images' files,
-ROIs, perturbation, severities, seed), so a rerun — after an interruption or of the same
+a hash of everything it depends on (model and perturbation code, checkpoint contents, options,
+the images' contents, ROIs, severities, seed), so a rerun — after an interruption or of the same
 spec — skips it. A unit always holds the same cases, so resumed and uninterrupted runs
-compute every prediction identically. Units run in `runner.workers` processes.
+compute every prediction identically. Units run in `runner.workers` processes, within the run's
+thread budget (core/resources.py).
 
 Images without an ROI have an empty ROI: perturbing the interior leaves them unchanged,
 perturbing the exterior perturbs all of them.
@@ -20,12 +21,11 @@ perturbing the exterior perturbs all of them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
+import inspect
 import json
-import multiprocessing
 import os
-import time
+import sys
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -39,6 +39,7 @@ from .data import write_csv
 from .errors import PerceptcoreError
 from .perturbation import ImageBatch, restrict
 from .plugins import Registry
+from .resources import StageProgress, budget, exit_with_parent, set_threads, stage, worker_pool  # noqa: F401 (exit_with_parent: old home)
 from .spec import Spec, structure, structure_options
 
 
@@ -136,12 +137,15 @@ class ImageWork:
         self.manifest = image_io.load_manifest(spec.path(spec.images.manifest), "images.manifest",
                                                tuple(spec.images.id))
         self.cache = Path(spec.base) / spec.runner.cache
-        self.threads = 1 if spec.runner.workers > 1 else max(1, os.cpu_count() or 1)
+        self.digests = FileDigests(self.cache)
+        # Threads x processes within the cores: see core/resources.py.
+        self.workers, self.threads = budget(spec.runner.workers)
         self.by_case = {case: tuple(self.manifest.for_case(case)) for case in self.manifest.cases}
         self.chunks = self.chunked(list(self.by_case))
-        self.image_keys = {case: [file_key(r.file) + [list(map(list, r.roi_boxes)),
-                                                       file_key(r.roi_mask) if r.roi_mask else None,
-                                                       r.view, r.laterality, r.pixel_spacing_mm, r.bits]
+        # Contents, not paths: the file's name stays because it seeds the perturbation's draws.
+        self.image_keys = {case: [[self.digests(r.file), r.file.name, list(map(list, r.roi_boxes)),
+                                   self.digests(r.roi_mask) if r.roi_mask else None,
+                                   r.view, r.laterality, r.pixel_spacing_mm, r.bits]
                                   for r in records] for case, records in self.by_case.items()}
         self.models = []  # (observer, model, options, [Checkpoint])
         for i, observer in observers:
@@ -158,7 +162,7 @@ class ImageWork:
                 path = spec.path(checkpoint)
                 if not path.is_file():
                     raise PerceptcoreError(f"file not found: {path}", f"observers[{i}].checkpoints[{j}]")
-                checkpoints.append(Checkpoint(path.stem, path, sha256_of(path)))
+                checkpoints.append(Checkpoint(path.stem, path, self.digests(path)))
             if len({c.reader for c in checkpoints}) != len(checkpoints):
                 raise PerceptcoreError("checkpoint file names must differ: each names a reader",
                                        f"observers[{i}].checkpoints")
@@ -199,7 +203,7 @@ class ImageWork:
             self.registry, "perturbation", c.perturbation.name)), c.options and attrs.asdict(
             c.options, recurse=True), c.severity, c.seed_key] for c in mine]
         for chunk in chunks:
-            # Versions are in the key: an upgraded model or perturbation must not reuse old results.
+            # The plugins' code is in the key: an edited model or perturbation must not reuse old results.
             key = stable_hash([__version__, plugin_version(self.registry, "model", model.name), model.name,
                                options_key(options), checkpoint.digest, described, regions,
                                self.spec.study.seed, chunk, [self.image_keys[c] for c in chunk]])
@@ -211,33 +215,21 @@ class ImageWork:
         return units
 
     def run(self, units: list, progress: Callable[[str], None], what: str = "predicting") -> None:
-        """Compute the units the cache lacks, `runner.workers` at a time."""
+        """Compute the units the cache lacks, `runner.workers` at a time (at most one per core)."""
+        self.digests.save()  # a run, not validate: remember the digests for the next run
         todo = [u for u in units if not u.path.exists()]
         done = len(units) - len(todo)
         progress(f"{what}: {len(units)} work units, {done} already in the cache ({self.cache})")
-        workers = min(self.spec.runner.workers, max(len(todo), 1))
-        started = last = time.monotonic()
-
-        def report(n):
-            nonlocal last
-            now = time.monotonic()
-            if n == len(todo) or now - last > 2:  # a line every few seconds, not one per unit
-                last = now
-                left = (now - started) / n * (len(todo) - n)
-                filled = round(20 * (done + n) / len(units))
-                progress(f"{what} [{'#' * filled}{'.' * (20 - filled)}] {done + n}/{len(units)} work units, "
-                         f"about {left:.0f} s left")
-
-        if workers > 1:
-            # spawn: a forked child would inherit the parent's torch thread pool in an unusable state.
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                for n, _ in enumerate(pool.map(compute_unit, todo), start=1):
-                    report(n)
-        else:
-            for n, unit in enumerate(todo, start=1):
-                compute_unit(unit)
-                report(n)
+        workers = min(self.workers, max(len(todo), 1))
+        with stage("predictions"), StageProgress(progress, what, len(todo)) as shown:
+            if workers > 1:
+                with worker_pool(workers, self.threads) as pool:
+                    for _ in pool.map(compute_unit, todo):
+                        shown.done()
+            else:
+                for unit in todo:
+                    compute_unit(unit)
+                    shown.done()
 
 
 class Runner:
@@ -317,12 +309,15 @@ class Runner:
                         rows += [(unit.reader, labels[condition.level], case, region, float(v))
                                  for case, v in zip(unit.cases, values[c, r])]
             table = pd.DataFrame(rows, columns=["reader", "severity", "case", "region", "prediction"])
-            whole = folder / f"{observer.name}.csv"
+            # Named by content (the units' keys, the severity labels): another spec, or this one with other
+            # --set values, running at the same time with an observer of the same name writes its own file.
+            key = stable_hash([labels, [u.key for u in self.units if u.path.parent.name == observer.name]])
+            whole = folder / f"{observer.name}-{key}.csv"
             write_csv(table[table.region == "entire_image"].drop(columns="region"), whole)
             observers[i] = attrs.evolve(observer, predictions=str(whole), columns={})
             if roi is not None and roi.observer == observer.name:
                 regional = table[table.region != "entire_image"].assign(annotator="manifest")
-                path = folder / f"{observer.name}_roi.csv"
+                path = folder / f"{observer.name}_roi-{key}.csv"
                 write_csv(regional[["annotator", "reader", "severity", "case", "region", "prediction"]], path)
                 roi = attrs.evolve(roi, predictions=str(path), columns={})
         return attrs.evolve(spec, observers=tuple(observers), roi=roi)
@@ -335,7 +330,8 @@ def compute_unit(unit: _Unit) -> None:
     """Predict one work unit and store it atomically in the cache."""
     import torch
 
-    torch.set_num_threads(unit.threads)
+    if torch.get_num_threads() != unit.threads:
+        set_threads(unit.threads)
     model_key = (unit.model.name, str(unit.checkpoint), repr(unit.options))
     if model_key not in _LOADED:
         _LOADED.clear()  # one checkpoint at a time per process is enough and bounds memory
@@ -411,14 +407,71 @@ def options_key(options) -> list:
 
 
 def plugin_version(registry: Registry, kind: str, name: str) -> str:
-    """The providing package and version (perceptcore's own for the core's noise baseline)."""
+    """What identifies a plugin's code in cache keys: its package, version and source digest.
+
+    The version alone is not enough: in a checkout, or while a plugin is being written, the code
+    changes and the version does not (perceptcore's own for the core's noise baseline)."""
     item = next((i for i in registry.all(kind) if i.name == name), None)
-    return f"{item.package} {item.version}" if item else f"perceptcore {__version__}"
+    package = f"{item.package} {item.version}" if item else f"perceptcore {__version__}"
+    obj = item.obj if item else None
+    return f"{package} {source_digest(obj)}" if obj is not None else package
 
 
-def file_key(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+_SOURCES: dict = {}  # per process: source file -> ((size, mtime), digest)
+
+
+def source_digest(obj) -> str:
+    """SHA-256 over the source of the module defining `obj` (or of `obj`, a module) and of the
+    package-private modules beside it (`_*.py`, the helpers a plugin computes with)."""
+    module = sys.modules.get(obj.__name__ if inspect.ismodule(obj) else type(obj).__module__)
+    source = getattr(module, "__file__", None)
+    if source is None:
+        return "no source"
+    source = Path(source)
+    digest = hashlib.sha256()
+    for path in [source] + sorted(p for p in source.parent.glob("_*.py") if p != source):
+        stat = path.stat()
+        known = _SOURCES.get(path)
+        if known is None or known[0] != (stat.st_size, stat.st_mtime_ns):
+            known = _SOURCES[path] = ((stat.st_size, stat.st_mtime_ns), sha256_of(path))
+        digest.update(f"{path.name} {known[1]}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+class FileDigests:
+    """SHA-256 of files' contents for cache keys, each file read once: a digest is remembered in the
+    cache folder and reused while the file's path, size and modification time are unchanged.
+
+    Only `save()` writes, and only runs call it, so `validate` leaves the cache as it found it."""
+
+    def __init__(self, cache: Path):
+        self.folder = Path(cache) / "file-digests"
+        self.known: dict = {}  # record path -> entry, read or computed in this process
+        self.new: dict = {}  # record path -> entry not yet saved
+
+    def __call__(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        entry = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        record = self.folder / f"{stable_hash(str(path))}.json"
+        known = self.known.get(record)
+        if known is None:
+            try:
+                known = json.loads(record.read_text())
+            except (OSError, ValueError):  # absent, or unreadable: compute it again
+                known = {}
+        if {k: known.get(k) for k in entry} != entry:
+            known = self.new[record] = {**entry, "sha256": sha256_of(path)}
+        self.known[record] = known
+        return known["sha256"]
+
+    def save(self) -> None:
+        for record, entry in self.new.items():
+            record.parent.mkdir(parents=True, exist_ok=True)
+            partial = record.with_name(f".{record.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(entry))
+            partial.replace(record)
+        self.new.clear()
 
 
 def sha256_of(path: Path) -> str:

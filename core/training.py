@@ -40,8 +40,9 @@ from . import images as image_io
 from .data import load_cases
 from .errors import PerceptcoreError
 from .plugins import Registry
-from .runner import (CaseImages, ViewImage, file_key, options_key, perturb_image, plugin_version, seed_of,
-                     severity_value, sha256_of, stable_hash)
+from .resources import StageProgress, available_cores, set_threads, stage
+from .runner import (CaseImages, FileDigests, ViewImage, options_key, perturb_image, plugin_version, seed_of,
+                     severity_value, stable_hash)
 from .spec import Spec, TrainingSection, structure, structure_options
 
 GRADIENT = ("network", "loss", "checkpoint")
@@ -87,6 +88,7 @@ class Training:
             raise PerceptcoreError(f"model {section.model!r} is fitted in closed form; there is nothing to fine-tune",
                                    f"{where}.init")
         self.options = structure_options(self.model.Options, section.options, f"{where}.options", spec)
+        self.digests = FileDigests(Path(spec.base) / spec.runner.cache)
         self.manifest = image_io.load_manifest(spec.path(section.images.manifest), f"{where}.images.manifest",
                                                tuple(section.images.id))
         cases = load_cases(spec.path(section.cases.file), section.cases.id, section.cases.label,
@@ -106,7 +108,7 @@ class Training:
             init = spec.path(section.init)
             if not init.is_file():
                 raise PerceptcoreError(f"file not found: {init}", f"{where}.init")
-            self.init, init_digest = init, sha256_of(init)
+            self.init, init_digest = init, self.digests(init)
         self.perturbation = self.perturbation_options = None
         levels: list = [(None, 0.0)]
         if section.per_severity:
@@ -115,8 +117,9 @@ class Training:
             self.perturbation_options = structure(self.perturbation.Options, p.options, "perturbation.options")
             levels = [(i, severity_value(label, f"severities.levels[{i}]"))
                       for i, label in enumerate(spec.severities.levels)]
-        data_key = [[file_key(r.file), r.view, r.laterality, r.pixel_spacing_mm, r.bits, list(map(list, r.roi_boxes))]
-                    for r in self.manifest] + [self.case_ids, self.labels.tolist()]
+        # Contents, not paths: the file's name stays because it seeds the perturbation's draws.
+        data_key = [[self.digests(r.file), r.file.name, r.view, r.laterality, r.pixel_spacing_mm, r.bits,
+                     list(map(list, r.roi_boxes))] for r in self.manifest] + [self.case_ids, self.labels.tolist()]
         common = [__version__, self.model.name, plugin_version(registry, "model", self.model.name),
                   options_key(self.options), data_key, section.epochs, section.batch_size,
                   section.learning_rate, section.weight_decay, init_digest, spec.study.seed]
@@ -138,31 +141,35 @@ class Training:
 
     def run(self, progress: Callable[[str], None]) -> None:
         """Train every model the cache lacks."""
+        self.digests.save()  # a run, not validate: remember the digests for the next run
         todo = [job for job in self.jobs if not job.path.exists()]
         progress(f"training {self.name}: {len(self.jobs)} models ({self.model.name}), "
                  f"{len(self.jobs) - len(todo)} already trained")
-        import torch
-
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        set_threads(available_cores())  # one process: every core of the run's budget (core/resources.py)
+        # The units of the time-left estimate: epochs of gradient training, whole models fitted in closed form.
+        units = len(todo) * (self.section.epochs if self.gradient else 1)
         level, cases = object(), []
-        for n, job in enumerate(todo, start=1):
-            label = f"{self.name} {n}/{len(todo)} ({self._severity_text(job)}, {job.reader})"
-            if job.level != level:  # jobs come level by level: each level's images are perturbed once
-                level, cases = job.level, self._images(job)
-            started = time.monotonic()
-            if self.gradient:
-                contents, losses = self._train(job, cases, label, progress)
-            else:
-                progress(f"training {label}: fitting in closed form")
-                contents = self.model.fit(cases, self.labels.astype(int), self.options,
-                                          _derived_seed(self.spec.study.seed, job.seed, "fit"))
-                losses = []
-            job.path.parent.mkdir(parents=True, exist_ok=True)
-            job.log.write_text(json.dumps({"training": self.name, "model": self.model.name, "severity":
-                                           self._severity_label(job), "reader": job.reader, "losses": losses,
-                                           "seconds": round(time.monotonic() - started, 1)}))
-            _save_atomically(contents, job.path)  # last: its existence means the model is finished
-            job.state.unlink(missing_ok=True)
+        with stage("training"), StageProgress(progress, f"training {self.name}", units) as shown:
+            for n, job in enumerate(todo, start=1):
+                label = f"{self.name} {n}/{len(todo)} ({self._severity_text(job)}, {job.reader})"
+                if job.level != level:  # jobs come level by level: each level's images are perturbed once
+                    preparing = time.monotonic()
+                    level, cases = job.level, self._images(job)
+                    shown.outside_units(time.monotonic() - preparing)
+                started = time.monotonic()
+                if self.gradient:
+                    contents, losses = self._train(job, cases, label, progress, shown)
+                else:
+                    contents = self.model.fit(cases, self.labels.astype(int), self.options,
+                                              _derived_seed(self.spec.study.seed, job.seed, "fit"))
+                    losses = []
+                    shown.done()
+                job.path.parent.mkdir(parents=True, exist_ok=True)
+                job.log.write_text(json.dumps({"training": self.name, "model": self.model.name, "severity":
+                                               self._severity_label(job), "reader": job.reader, "losses": losses,
+                                               "seconds": round(time.monotonic() - started, 1)}))
+                _save_atomically(contents, job.path)  # last: its existence means the model is finished
+                job.state.unlink(missing_ok=True)
 
     def checkpoints(self) -> list[tuple[str, Path, str, int | None]]:
         """(reader, checkpoint path, cache key, severity level or None) of every model."""
@@ -206,7 +213,7 @@ class Training:
             cases.append(CaseImages(case, tuple(views)))
         return cases
 
-    def _train(self, job: Job, cases: list, label: str, progress) -> list:
+    def _train(self, job: Job, cases: list, label: str, progress, shown: StageProgress) -> list:
         import torch
 
         section = self.section
@@ -224,10 +231,9 @@ class Training:
             optimiser.load_state_dict(state["optimiser"])
             losses = list(state["losses"])
             progress(f"training {label}: resuming after epoch {len(losses)}")
+            shown.total -= len(losses)  # epochs done by an earlier run are no work of this one
         labels = torch.from_numpy(self.labels)
-        started, last = time.monotonic(), 0.0
-        first = len(losses)
-        for epoch in range(first, section.epochs):
+        for epoch in range(len(losses), section.epochs):
             seed = _derived_seed(self.spec.study.seed, job.seed, f"epoch {epoch}")
             torch.manual_seed(seed)
             order = np.random.default_rng(seed).permutation(len(cases))
@@ -246,14 +252,8 @@ class Training:
             losses.append(total / len(order))
             _save_atomically({"network": network.state_dict(), "optimiser": optimiser.state_dict(),
                               "losses": losses}, job.state)
-            now = time.monotonic()
-            if now - last > 2 or epoch + 1 == section.epochs:
-                last = now
-                done = epoch + 1
-                left = (now - started) / (done - first) * (section.epochs - done)
-                filled = round(20 * done / section.epochs)
-                progress(f"training {label} [{'#' * filled}{'.' * (20 - filled)}] epoch {done}/{section.epochs}, "
-                         f"loss {losses[-1]:.4f}, about {left:.0f} s left")
+            shown.done()
+        progress(f"training {label}: loss {losses[-1]:.4f} after epoch {len(losses)}")
         network.eval()
         return self.model.checkpoint(network), losses
 
@@ -267,10 +267,14 @@ class TrainingLog:
     def compute(self) -> None:
         pass  # trained before the predictions were computed
 
+    def table(self) -> pd.DataFrame:
+        """The rows of training.csv (the report draws the training curves from them)."""
+        return pd.concat([t.log() for t in self.trainings], ignore_index=True)
+
     def write_into(self, staging: Path) -> list[str]:
         from .data import write_csv
 
-        write_csv(pd.concat([t.log() for t in self.trainings], ignore_index=True), staging / "training.csv")
+        write_csv(self.table(), staging / "training.csv")
         return ["training.csv"]
 
     def manifest(self) -> dict:

@@ -77,13 +77,18 @@ def test_saved_posterior_is_the_one_the_tables_summarise(first_run):
     assert np.allclose(rows.gamma_mean.to_numpy(), expected, rtol=0, atol=1e-12)
 
 
-def test_rerun_replaces_an_earlier_run(study, first_run, tmp_path):
+def test_rerun_replaces_an_earlier_run_and_refuses_one_holding_other_files(study, first_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(study, out) == 0
-    (out / "stale.txt").write_text("from an earlier run")
-    assert run(study, out) == 0
-    assert not (out / "stale.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging folder left
+    assert run(study, out, "model.seed=1") == 0  # a rerun replaces what perceptcore wrote
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+    (out / "posterior" / "notes.txt").write_text("mine, not perceptcore's")
+    capsys.readouterr()
+    assert run(study, out) == 1
+    err = capsys.readouterr().err
+    assert "holds 'posterior/notes.txt', which perceptcore did not write" in err and "fitting" not in err, err
+    assert (out / "posterior" / "notes.txt").read_text() == "mine, not perceptcore's"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging folder, backup or lock left
 
 
 def test_the_parameterisation_with_the_highest_log_evidence_is_used(study, tmp_path):
@@ -150,6 +155,18 @@ def test_run_json_records_what_can_change_a_number(first_run):
     assert "cmdstan" in environment["packages"]  # None where CmdStan is not installed
     assert environment["plugin_packages"]["perceptcore"] == metadata.version("perceptcore")
     assert environment["cpu_count"] == os.cpu_count() and environment["torch_threads"] == torch.get_num_threads()
+
+
+def test_timings_record_wall_cpu_and_stage_seconds_with_the_workers_cpu(first_run):
+    from perceptcore.resources import available_cores
+
+    timings = json.loads((first_run / "timings.json").read_text())
+    assert timings["seconds"] > 0 and timings["cpu_seconds"]["process"] > 0
+    assert {"data", "fits", "analyses", "report"} <= set(timings["stages"])
+    assert sum(timings["stages"].values()) <= timings["seconds"] + 0.5  # stages do not overlap (rounding)
+    if json.loads((first_run / "run.json").read_text())["fit_workers"] < 2:
+        pytest.skip(f"{available_cores()} core(s): the fits ran in this process, no worker to count")
+    assert timings["cpu_seconds"]["children"] > 0  # the fit workers' CPU time, counted after they exit
 
 
 def test_version_and_help_on_every_argument(capsys):

@@ -21,6 +21,7 @@ import numpy as np
 
 from perceptcore.errors import PerceptcoreError
 from perceptcore.latent_model import Fit, FitSettings, LatentModelData, stan_file
+from perceptcore.resources import available_cores
 
 _INSTALL_HINT = "install it with `python -m cmdstanpy.install_cmdstan` (needs a C++ toolchain and internet access)"
 _PARAMETERS = ("b", "mu", "gamma_free", "nu")  # the parameters block: all unconstrained
@@ -166,7 +167,7 @@ def _cores(settings: FitSettings) -> int:
 
     if settings.cores:
         return int(settings.cores)
-    return 1 if multiprocessing.parent_process() is not None else (os.cpu_count() or 1)
+    return 1 if multiprocessing.parent_process() is not None else available_cores()
 
 
 def _draws(fit, data: LatentModelData, **kwargs) -> dict:
