@@ -238,7 +238,8 @@ def _figures(ctx):
     if traces:
         out.append(("fit_elbo", "ELBO per iteration of every latent-model fit that records one; red dashed "
                     "panels did not converge.", lambda: _elbo_figure(ctx, traces)))
-    if ctx.training is not None and not ctx.training.empty:
+    # Closed-form trainings record no loss: without a gradient-trained model there is no curve to draw.
+    if ctx.training is not None and ctx.training["loss"].notna().any():
         out.append(("fig_training", "Training loss per epoch of every gradient-trained model (one line per seed; "
                     "per-severity trainings: colour by the severity of the training images).",
                     lambda: _training_figure(ctx)))
@@ -617,8 +618,11 @@ def _simpson_sentences(ctx) -> list:
         what = ANALYSIS_WORDS.get(r["analysis"], str(r["analysis"]))
         merged, split = (FINDING_WORDS.get(r[c], str(r[c])) for c in ("merged_finding", "split_finding"))
         shaky = any((str(r["observer"]), g) in ctx.unreliable for g in ("split", "merged"))
-        severities = str(r.get("severities", "") or "")
-        where = f" (at {ctx.sev(severities)})" if severities and severities != "nan" else ""
+        labels = [s.strip() for s in str(r.get("severities", "") or "").split(",") if s.strip() not in ("", "nan")]
+        # "mean": the check's statement on the effect averaged over the perturbed severities.
+        places = [ctx.sev(", ".join(x for x in labels if x != "mean"))] if set(labels) - {"mean"} else []
+        places += ["averaged over the perturbed severities"] if "mean" in labels else []
+        where = f" (at {' and '.join(places)})".replace("at averaged", "averaged") if places else ""
         out.append((f"{ctx.name(r['observer'])}, {what}: with {ctx.name(r['merged_subgroup'])} merged into one "
                     f"subgroup it looks {merged}, but {ctx.name(r['subgroup'])} alone is {split}{where}: Simpson's "
                     "paradox.", shaky))
@@ -628,7 +632,7 @@ def _simpson_sentences(ctx) -> list:
     # What a flag and its absence are worth, measured by benchmarks/simpsons_calibration.py.
     out.append(("How far to trust this check: a flag is wrong in at most α of studies whose subgroups share one "
                 "effect; of simulated studies of the published radiologist size with a real paradox it flags about "
-                "96 % on predictive confidence but only about half on class separability, so no flag on class "
+                "94 % on predictive confidence but only about half on class separability, so no flag on class "
                 "separability is weak evidence that there is no paradox.", False))
     return out
 

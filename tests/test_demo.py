@@ -38,7 +38,8 @@ SCHEMAS = {
     "predictions/cnn_roi.csv": ["annotator", "reader", "severity", "case", "region", "prediction"],
 }
 # No `fit_elbo`: the default method (laplace) has no ELBO trace to draw.
-FIGURES = ["fig4_microcalcifications", "fig4_soft_tissue_lesions", "fig5_roi", "fig6_merged", "fig_reliability"]
+FIGURES = ["fig4_microcalcifications", "fig4_soft_tissue_lesions", "fig5_roi", "fig6_merged", "fig_reliability",
+           "fig_training"]
 
 
 @pytest.fixture(scope="module")

@@ -66,10 +66,11 @@ def table(out, name):
 
 
 def sentences(out):
-    """The report's findings, one plain-text sentence per list item."""
+    """The report's findings and Simpson's-paradox sentences, one plain-text sentence per list item."""
     page = (out / "report.html").read_text()
-    section = page.split("<h2>Findings</h2>")[1].split("<h2>")[0]
-    return [html.unescape(re.sub(r"<[^>]+>", "", item)) for item in re.findall(r"<li>(.*?)</li>", section)]
+    sections = [page.split(f"<h2 id='{name}'>")[1].split("<h2")[0] for name in ("simpson", "details")]
+    return [html.unescape(re.sub(r"<[^>]+>", "", item)) for section in sections
+            for item in re.findall(r"<li[^>]*>(.*?)</li>", section, flags=re.S)]
 
 
 def scipy_ks(predictions: pd.DataFrame, positive: set, negative: set, units: list) -> dict:
