@@ -667,7 +667,9 @@ def _check_existing(out_dir: Path) -> None:
 
 
 # Every package whose version can change a number of the run.
-NUMERIC_PACKAGES = ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy", "matplotlib")
+# pillow and pydicom decode the pixels every model sees.
+NUMERIC_PACKAGES = ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy", "matplotlib", "pillow",
+                    "pydicom")
 
 
 def environment() -> dict:
@@ -699,7 +701,7 @@ def environment() -> dict:
     return {"packages": versions, "plugin_packages": dict(sorted(plugins.items())),
             "platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "available_cores": available_cores(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
 
 
 def _one_model_per_severity(spec: Spec, observer) -> bool:

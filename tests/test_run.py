@@ -150,11 +150,12 @@ def test_run_json_records_what_can_change_a_number(first_run):
     import torch
 
     environment = json.loads((first_run / "run.json").read_text())["environment"]
-    for name in ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy"):
+    for name in ("numpy", "scipy", "pandas", "torch", "arviz", "cmdstanpy", "pluggy", "pillow", "pydicom"):
         assert environment["packages"][name] == metadata.version(name)
     assert "cmdstan" in environment["packages"]  # None where CmdStan is not installed
     assert environment["plugin_packages"]["perceptcore"] == metadata.version("perceptcore")
     assert environment["cpu_count"] == os.cpu_count() and environment["torch_threads"] == torch.get_num_threads()
+    assert environment["torch_interop_threads"] == torch.get_num_interop_threads()
 
 
 def test_timings_record_wall_cpu_and_stage_seconds_with_the_workers_cpu(first_run):
