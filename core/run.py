@@ -34,7 +34,7 @@ from .errors import PerceptcoreError
 from .latent_model import Fit, FitSettings, LatentModelData, inference_data, predictive_probability
 from .plugins import Registry
 from .resources import CLOCK, StageProgress, available_cores, budget, stage, worker_pool
-from .spec import Spec
+from .spec import Spec, resolve_backend
 
 
 @attrs.frozen(eq=False)
@@ -92,7 +92,7 @@ class Study:
         self.alpha = spec.analyses.alpha
         self.metrics = [registry.get("metric", name, f"analyses.metrics[{i}]")
                         for i, name in enumerate(spec.analyses.metrics)]
-        self.backend = self._resolve_backend()
+        self.backend = resolve_backend(self.spec, self.registry)
         self.cases, self.subgroup = self._load_cases()
         self.observers = {
             o.name: load_observer_group(o.name, spec.path(o.predictions), o.likelihood, o.columns, self.cases,
@@ -102,25 +102,6 @@ class Study:
         self.roi = self._load_roi()
 
     # ------------------------------------------------------------------ loading
-
-    def _resolve_backend(self):
-        model = self.spec.model
-        if model.backend == "auto":
-            candidates = sorted(self.registry.all("backend"), key=lambda item: -item.obj.priority)
-            usable = [c.obj for c in candidates if model.method in c.obj.methods and c.obj.unavailable_reason() is None]
-            if not usable:
-                raise PerceptcoreError(f"no installed backend can run method {model.method!r} here", "model.backend")
-            return usable[0]
-        backend = self.registry.get("backend", model.backend, "model.backend")
-        if model.method not in backend.methods:
-            raise PerceptcoreError(
-                f"backend {backend.name!r} does not run method {model.method!r} (it runs {', '.join(backend.methods)})",
-                "model.method",
-            )
-        reason = backend.unavailable_reason()
-        if reason:
-            raise PerceptcoreError(f"backend {backend.name!r} cannot run here: {reason}", "model.backend")
-        return backend
 
     def _load_cases(self) -> tuple[Cases, np.ndarray]:
         spec = self.spec

@@ -999,21 +999,24 @@ def check_plugins(spec: Spec, registry) -> None:
         check_spec = getattr(metric, "check_spec", None)
         if check_spec is not None:
             check_spec(spec, f"analyses.metrics[{i}]")
-    _check_backend(spec, registry, plugin)
+    resolve_backend(spec, registry, plugin)
 
 
-def _check_backend(spec: Spec, registry, plugin) -> None:
+def resolve_backend(spec: Spec, registry, plugin=None):
+    """The backend that will fit the spec's latent model: the named one, or with `auto` the
+    highest-priority installed backend that runs the method. Raises located errors otherwise."""
     model = spec.model
     if model.backend == "auto":
-        usable = [item.obj for item in registry.all("backend")
-                  if model.method in item.obj.methods and item.obj.unavailable_reason() is None]
+        candidates = sorted(registry.all("backend"), key=lambda item: -item.obj.priority)
+        usable = [c.obj for c in candidates if model.method in c.obj.methods and c.obj.unavailable_reason() is None]
         if not usable:
             raise PerceptcoreError(f"no installed backend can run method {model.method!r} here", "model.backend")
-        return
-    backend = plugin("backend", model.backend, "model.backend")
+        return usable[0]
+    backend = (plugin or registry.get)("backend", model.backend, "model.backend")
     if model.method not in backend.methods:
         raise PerceptcoreError(f"backend {backend.name!r} does not run method {model.method!r} (it runs "
                                f"{', '.join(backend.methods)})", "model.method")
     reason = backend.unavailable_reason()
     if reason:
         raise PerceptcoreError(f"backend {backend.name!r} cannot run here: {reason}", "model.backend")
+    return backend
