@@ -616,15 +616,19 @@ def _simpson_sentences(ctx) -> list:
     out = []
     for _, r in table[table["differs"].astype(bool)].iterrows():
         what = ANALYSIS_WORDS.get(r["analysis"], str(r["analysis"]))
-        merged, split = (FINDING_WORDS.get(r[c], str(r[c])) for c in ("merged_finding", "split_finding"))
+        merged = FINDING_WORDS.get(r["merged_finding"], str(r["merged_finding"]))
         shaky = any((str(r["observer"]), g) in ctx.unreliable for g in ("split", "merged"))
-        labels = [s.strip() for s in str(r.get("severities", "") or "").split(",") if s.strip() not in ("", "nan")]
-        # "mean": the check's statement on the effect averaged over the perturbed severities.
-        places = [ctx.sev(", ".join(x for x in labels if x != "mean"))] if set(labels) - {"mean"} else []
-        places += ["averaged over the perturbed severities"] if "mean" in labels else []
-        where = f" (at {' and '.join(places)})".replace("at averaged", "averaged") if places else ""
+        flagged = [s.strip() for s in str(r.get("severities", "") or "").split(",") if s.strip() not in ("", "nan")]
+        # The subgroup's own finding at each flagged severity, from its analysis's table, so this sentence
+        # says what the summary says (a flagged severity may be unchanged or reversed).
+        own = ctx.rows(str(r["analysis"]), observer=r["observer"], subgroup=r["subgroup"])
+        clauses = [f"{found} at {ctx.sev(', '.join(at))}" for found in FINDING_ORDER
+                   if (at := [x for x in (_at(own, found) if not own.empty else []) if str(x) in flagged])]
+        if "mean" in flagged:  # the check's statement on the effect averaged over the perturbed severities
+            clauses.append("unchanged or reversed on average over the perturbed severities")
+        split = ", ".join(clauses) or FINDING_WORDS.get(r["split_finding"], str(r["split_finding"]))
         out.append((f"{ctx.name(r['observer'])}, {what}: with {ctx.name(r['merged_subgroup'])} merged into one "
-                    f"subgroup it looks {merged}, but {ctx.name(r['subgroup'])} alone is {split}{where}: Simpson's "
+                    f"subgroup it looks {merged}, but {ctx.name(r['subgroup'])} alone is not ({split}): Simpson's "
                     "paradox.", shaky))
     if not out:
         out.append((f"No Simpson's paradox at α = {ctx.alpha:g}: no subgroup credibly lacks (or reverses) an effect "

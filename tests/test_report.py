@@ -76,7 +76,7 @@ def make_tables(observers=("radiologists", "dnn"), p_gamma=0.01, ks_p=0.01, obse
                 cs.append((o, sub, s, 0.6 - 0.05 * i, 0.03, *ks(np.nan if i == 0 else ks_p)))
                 if o != "radiologists" and observed_p is not None:
                     obs.append((o, sub, s, 0.55 - 0.08 * i, 0.02, *ks(np.nan if i == 0 else observed_p)))
-        simpson.append((o, "predictive_confidence", SPLIT[1], MERGED, "invariant", "lowered", True))
+        simpson.append((o, "predictive_confidence", SPLIT[1], MERGED, "1, 4, mean", "unchanged", "lowered", True))
     for sub in SPLIT:
         for region in ("roi_interior", "roi_exterior", "entire_image"):
             for i, s in enumerate(SEVERITIES):
@@ -90,7 +90,8 @@ def make_tables(observers=("radiologists", "dnn"), p_gamma=0.01, ks_p=0.01, obse
         "class_separability_observed": pd.DataFrame(obs, columns=cols + ks_cols),
         "roi_separability": pd.DataFrame(roi, columns=["observer", "subgroup", "region", "severity"] + ks_cols),
         "simpsons_paradox": pd.DataFrame(simpson, columns=["observer", "analysis", "subgroup", "merged_subgroup",
-                                                           "split_finding", "merged_finding", "differs"]),
+                                                           "severities", "split_finding", "merged_finding",
+                                                           "differs"]),
     }, alpha)
 
 
@@ -217,10 +218,17 @@ def test_observed_and_modelled_disagreement_is_reported(tmp_path):
 
 
 def test_simpsons_paradox_sentence(tmp_path):
-    _, page = run(tmp_path)
+    """The subgroup's finding at each flagged severity is its own table's, as in the summary."""
+    tables = make_tables()
+    pc = tables["predictive_confidence"]
+    mine = (pc.observer == "radiologists") & (pc.subgroup == SPLIT[1])
+    pc.loc[mine & (pc.severity == "1"), "finding"] = "unchanged"
+    pc.loc[mine & (pc.severity == "4"), "finding"] = "raised"
+    _, page = run(tmp_path, tables=tables)
     assert ("radiologists, predictive confidence: with microcalcifications + soft-tissue lesions merged into one "
-            "subgroup it looks lowered by the perturbation, but soft-tissue lesions alone is invariant to the "
-            "perturbation: Simpson's paradox.") in section(page, "simpson")
+            "subgroup it looks lowered by the perturbation, but soft-tissue lesions alone is not (raised at 4 mm, "
+            "unchanged at 1 mm, unchanged or reversed on average over the perturbed severities): Simpson's "
+            "paradox.") in section(page, "simpson")
 
 
 def test_hostile_names_are_escaped(tmp_path):
