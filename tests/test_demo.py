@@ -154,3 +154,10 @@ def test_the_demo_observers_see_the_phantoms_lesions(tmp_path):
         probability = cnn.predict(network, test)
     for family, members in families.items():
         assert auc(probability[members], probability[normal]) > 0.8, family
+
+
+def test_the_demo_report_fits_a_printed_page_in_a_browser(demo, tmp_path):
+    import test_report_browser as browser
+    if browser.CHROMIUM is None:
+        pytest.skip("headless Chromium is not installed")
+    browser.assert_fits_a_page_with_its_summary(demo / "report.html", tmp_path, ("radiologists", "cnn", "cnn_filtered"))

@@ -77,3 +77,12 @@ def test_it_prints_to_pdf(wide_report, tmp_path):
     data = pdf.read_bytes()
     pages = len(re.findall(rb"/Type\s*/Page(?!s)", data))
     assert data.startswith(b"%PDF") and pages >= 2, pages
+
+
+def assert_fits_a_page_with_its_summary(report_html, tmp_path, observers):
+    """A real run's report: the summary matrix has a row per observer group, and nothing is wider than A4."""
+    page = report_html.read_text()
+    matrix = page.split("id='summary-matrix'")[1].split("</table>")[0]
+    assert all(f"data-observer='{name}'" in matrix for name in observers)
+    probe = overflowing(report_html, tmp_path)
+    assert probe["width"] <= PAGE_WIDTH and probe["wide"] == [], probe["wide"][:5]

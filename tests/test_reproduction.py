@@ -187,3 +187,11 @@ def test_dmv_spec_reads_the_same_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "dmv_trained_unperturbed: 64800 predictions" in out and "radiologists: 13440 predictions" in out
+
+
+def test_the_gmic_report_fits_a_printed_page_in_a_browser(run_dir, tmp_path):
+    import test_report_browser as browser
+    if browser.CHROMIUM is None:
+        pytest.skip("headless Chromium is not installed")
+    browser.assert_fits_a_page_with_its_summary(
+        run_dir / "report.html", tmp_path, ("radiologists", "gmic_trained_unperturbed", "gmic_trained_filtered"))
