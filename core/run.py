@@ -34,7 +34,7 @@ from .errors import PerceptcoreError
 from .latent_model import Fit, FitSettings, LatentModelData, inference_data, predictive_probability
 from .plugins import Registry
 from .resources import CLOCK, StageProgress, available_cores, budget, stage, worker_pool
-from .spec import Spec, resolve_backend
+from .spec import Spec, check_analysed_subgroups, resolve_backend
 
 
 @attrs.frozen(eq=False)
@@ -122,12 +122,9 @@ class Study:
 
     def _check_cases(self, cases: Cases, subgroup: np.ndarray, definition, among: str = "") -> None:
         """Every analysed subgroup has cases and positive cases, and not every case is positive."""
-        known = tuple(definition.subgroups)
+        check_analysed_subgroups(self.spec, definition)
         for i, name in enumerate(self.spec.subgroups.analyse):
             where = f"subgroups.analyse[{i}]"
-            if name not in known:
-                raise PerceptcoreError(f"{definition.name!r} has no subgroup {name!r}; its subgroups are "
-                                       f"{', '.join(known)}", where)
             members = subgroup == name
             if not members.any():
                 raise PerceptcoreError(f"subgroup {name!r} has no cases{among}", where)

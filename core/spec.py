@@ -971,15 +971,9 @@ def check_plugins(spec: Spec, registry) -> None:
     for i, training in enumerate(spec.training):
         where = f"training[{i}]"
         model = plugin("model", training.model, f"{where}.model")
-        from .training import GRADIENT  # here: training imports this module
+        from .training import trains_by_gradient  # here: training imports this module
 
-        gradient = all(hasattr(model, name) for name in GRADIENT)
-        if not gradient and not hasattr(model, "fit"):
-            raise PerceptcoreError(f"model {training.model!r} cannot be trained: it provides neither network, loss "
-                                   "and checkpoint nor fit", f"{where}.model")
-        if training.init is not None and not gradient:
-            raise PerceptcoreError(f"model {training.model!r} is fitted in closed form; there is nothing to fine-tune",
-                                   f"{where}.init")
+        trains_by_gradient(model, training, where)
         structure(model.Options, training.options, f"{where}.options")
     metrics = [plugin("metric", name, f"analyses.metrics[{i}]") for i, name in enumerate(spec.analyses.metrics)]
     if spec.model.backend != "auto":
@@ -987,11 +981,7 @@ def check_plugins(spec: Spec, registry) -> None:
     if not spec.perception:  # the latent model, subgroups and metrics are unused; their names are checked
         return
     definition = plugin("subgroups", spec.subgroups.definition, "subgroups.definition")
-    known = tuple(definition.subgroups)
-    for i, name in enumerate(spec.subgroups.analyse):
-        if name not in known:
-            raise PerceptcoreError(f"{definition.name!r} has no subgroup {_show(name)}{_suggest(name, known)}; its "
-                                   f"subgroups are {', '.join(known)}", f"subgroups.analyse[{i}]")
+    check_analysed_subgroups(spec, definition)
     check_options = getattr(definition, "check_options", None)
     if check_options is not None:
         check_options(spec.subgroups.options, "subgroups.options")
@@ -1000,6 +990,15 @@ def check_plugins(spec: Spec, registry) -> None:
         if check_spec is not None:
             check_spec(spec, f"analyses.metrics[{i}]")
     resolve_backend(spec, registry, plugin)
+
+
+def check_analysed_subgroups(spec: Spec, definition) -> None:
+    """Every name in subgroups.analyse is a subgroup of the definition plugin."""
+    known = tuple(definition.subgroups)
+    for i, name in enumerate(spec.subgroups.analyse):
+        if name not in known:
+            raise PerceptcoreError(f"{definition.name!r} has no subgroup {_show(name)}{_suggest(name, known)}; its "
+                                   f"subgroups are {', '.join(known)}", f"subgroups.analyse[{i}]")
 
 
 def resolve_backend(spec: Spec, registry, plugin=None):

@@ -71,6 +71,19 @@ class Job:
         return self.path.with_suffix(".state.pt")
 
 
+def trains_by_gradient(model, section: TrainingSection, where: str) -> bool:
+    """Whether the model trains by gradient (else it is fitted in closed form); raises, located, when
+    it cannot be trained as the section asks. validate (spec.check_plugins) and Training both ask."""
+    gradient = all(hasattr(model, name) for name in GRADIENT)
+    if not gradient and not hasattr(model, "fit"):
+        raise PerceptcoreError(f"model {section.model!r} cannot be trained: it provides neither "
+                               f"{', '.join(GRADIENT)} nor fit", f"{where}.model")
+    if section.init is not None and not gradient:
+        raise PerceptcoreError(f"model {section.model!r} is fitted in closed form; there is nothing to fine-tune",
+                               f"{where}.init")
+    return gradient
+
+
 class Training:
     """One `training` entry, validated on construction; `run` trains what the cache lacks."""
 
@@ -80,13 +93,7 @@ class Training:
         self.where = where = f"training[{index}]"
         section = self.section
         self.model = registry.get("model", section.model, f"{where}.model")
-        self.gradient = all(hasattr(self.model, name) for name in GRADIENT)
-        if not self.gradient and not hasattr(self.model, "fit"):
-            raise PerceptcoreError(f"model {section.model!r} cannot be trained: it provides neither "
-                                   f"{', '.join(GRADIENT)} nor fit", f"{where}.model")
-        if section.init is not None and not self.gradient:
-            raise PerceptcoreError(f"model {section.model!r} is fitted in closed form; there is nothing to fine-tune",
-                                   f"{where}.init")
+        self.gradient = trains_by_gradient(self.model, section, where)
         self.options = structure_options(self.model.Options, section.options, f"{where}.options", spec)
         self.digests = FileDigests(Path(spec.base) / spec.runner.cache)
         self.manifest = image_io.load_manifest(spec.path(section.images.manifest), f"{where}.images.manifest",
