@@ -217,6 +217,7 @@ class ImageWork:
     def run(self, units: list, progress: Callable[[str], None], what: str = "predicting") -> None:
         """Compute the units the cache lacks, `runner.workers` at a time (at most one per core)."""
         self.digests.save()  # a run, not validate: remember the digests for the next run
+        sweep_partials(self.cache)
         todo = [u for u in units if not u.path.exists()]
         done = len(units) - len(todo)
         progress(f"{what}: {len(units)} work units, {done} already in the cache ({self.cache})")
@@ -230,6 +231,22 @@ class ImageWork:
                 for unit in todo:
                     compute_unit(unit)
                     shown.done()
+
+
+def sweep_partials(folder: Path) -> None:
+    """Delete the `<name>.<pid>.partial` files of writers that no longer run: a killed run leaves its
+    half-written files behind, which nothing reads but which would pile up. A live writer's stay."""
+    for path in folder.rglob("*.partial"):
+        try:
+            pid = int(path.name.rsplit(".", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:  # it exists, under another user
+            pass
 
 
 class Runner:

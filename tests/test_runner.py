@@ -156,3 +156,18 @@ def test_a_checkpoint_that_is_not_a_state_dict_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "cnn_seed0.pt: not a small_cnn checkpoint" in err, err
     assert not marker.exists()
+
+
+def test_partial_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path):
+    from perceptcore.runner import sweep_partials
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # that process has exited
+    (tmp_path / "obs" / "units").mkdir(parents=True)
+    stale = tmp_path / "obs" / "units" / f"abc.{dead}.partial"
+    live = tmp_path / "obs" / "units" / f"def.{os.getpid()}.partial"
+    kept = tmp_path / "obs" / "units" / "ghi.npz"
+    for path in (stale, live, kept):
+        path.write_bytes(b"x")
+    sweep_partials(tmp_path)
+    assert not stale.exists() and live.exists() and kept.exists()
