@@ -252,7 +252,8 @@ def load_cases(path: Path, id_columns, label_column: str, positive_label: str, w
     if len(duplicated):
         row = duplicated.index[0]
         raise PerceptcoreError(f"{path}: row {row + 2}: case id {short_repr(duplicated.iloc[0])} appears twice", where)
-    labels = table[label_column].astype(str).str.strip()
+    # A missing cell is an empty label (refused below), not a float NaN among the strings.
+    labels = table[label_column].fillna("").astype(str).str.strip()
     present = labels.unique().tolist()
     if positive_label not in present:
         close = difflib.get_close_matches(positive_label, present[:1000], n=1)
