@@ -338,7 +338,7 @@ def _published_exam_positions(exams: pd.DataFrame, path, where) -> np.ndarray:
                     "order, or add an exam_id column (each exam's index in the arrays)", where)
         return np.arange(len(exams))
     raw = exams["exam_id"]
-    number = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+    number = _as_floats(raw)
     bad = ~np.isfinite(number) | (number < 0) | (number % 1 != 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -455,16 +455,23 @@ def _check_cells(values: np.ndarray, read, path, where, describe) -> None:
                                "probability or 0/1 call in [0, 1]", where)
 
 
+def _as_floats(raw: pd.Series) -> np.ndarray:
+    """A column as floats, NaN where a cell is not a number. Via text: pandas reads a 400-digit cell
+    as a Python int, which to_numeric cannot convert even when told to coerce (OverflowError)."""
+    text = raw.astype(str) if raw.dtype == object else raw
+    return pd.to_numeric(text, errors="coerce").to_numpy(float)
+
+
 def _tidy_prediction_values(table: pd.DataFrame, column: str, path, where) -> np.ndarray:
     """The prediction column as floats; a bad cell is reported as written in the file."""
     raw = table[column]
-    values = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+    values = _as_floats(raw)
     bad = ~np.isfinite(values) | (values < 0) | (values > 1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         if pd.isna(raw.iloc[i]):
             raise PerceptcoreError(f"{path}: row {i + 2}: prediction is missing", where)
-        shown = raw.iloc[i] if isinstance(raw.iloc[i], str) else float(values[i])
+        shown = raw.iloc[i] if isinstance(raw.iloc[i], (str, int)) else float(values[i])
         raise PerceptcoreError(
             f"{path}: row {i + 2}: prediction {short_repr(shown)} is not a probability or 0/1 call in [0, 1]", where
         )

@@ -164,21 +164,14 @@ def listing(folder: Path) -> tuple:
     return tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*")))
 
 
-def run_example(example: Example, specs: dict, folder: Path, seconds: int = HANG_SECONDS) -> Outcome:
-    """`perceptcore validate` on the example, in `folder` (an empty folder it leaves as found)."""
-    import time
-
+def run_cli(argv: list, folder: Path, seconds: int = HANG_SECONDS) -> tuple:
+    """(exit code, or "hang" / "crash"; stdout; stderr) of perceptcore's main(argv) run in `folder`,
+    in-process, with an alarm as the hang detector and any escaping exception's traceback in stderr."""
     from perceptcore.cli import main
 
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = folder / example.base
-    spec.write_text(spec_text(example, specs), encoding="utf-8", errors="surrogatepass")
-    before = listing(folder)
-    argv = ["validate", example.base] + [f"--set={value}" for value in example.sets]
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     previous = signal.signal(signal.SIGALRM, _alarm)
-    started = time.perf_counter()
     try:
         os.chdir(folder)
         signal.alarm(seconds)
@@ -196,12 +189,26 @@ def run_example(example: Example, specs: dict, folder: Path, seconds: int = HANG
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         os.chdir(cwd)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_example(example: Example, specs: dict, folder: Path, seconds: int = HANG_SECONDS) -> Outcome:
+    """`perceptcore validate` on the example, in `folder` (an empty folder it leaves as found)."""
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / example.base
+    spec.write_text(spec_text(example, specs), encoding="utf-8", errors="surrogatepass")
+    before = listing(folder)
+    argv = ["validate", example.base] + [f"--set={value}" for value in example.sets]
+    started = time.perf_counter()
+    code, out, err = run_cli(argv, folder, seconds)
     seconds_taken = time.perf_counter() - started
     after = listing(folder)
     for path in sorted(folder.rglob("*"), reverse=True):  # leave the folder empty for the next example
         path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
     leftovers = tuple(sorted(set(after) - set(before)))
-    return Outcome(code, out.getvalue(), err.getvalue(), leftovers, seconds_taken)
+    return Outcome(code, out, err, leftovers, seconds_taken)
 
 
 def problems(example: Example, outcome: Outcome) -> list[str]:

@@ -5,12 +5,7 @@ a budget of about a minute on 2 cores."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
-import signal
-import traceback
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -63,30 +58,6 @@ def mutate(text: str, kind: str, where: float, which: float, cell: str, raw: byt
     return ("\n".join([",".join(header)] + rows) + "\n").encode(errors="surrogateescape")
 
 
-def validate(folder: Path) -> tuple:
-    """(exit code or "hang"/"crash", stderr) of `perceptcore validate spec.yaml` run in `folder`."""
-    from perceptcore.cli import main
-
-    err, cwd = io.StringIO(), os.getcwd()
-    previous = signal.signal(signal.SIGALRM, spec_fuzz._alarm)
-    try:
-        os.chdir(folder)
-        signal.alarm(spec_fuzz.HANG_SECONDS)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            try:
-                code = main(["validate", "spec.yaml"])
-            except spec_fuzz._Hang:
-                code = "hang"
-            except Exception:  # noqa: BLE001 - the fuzz counts what escapes
-                traceback.print_exc()
-                code = "crash"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        os.chdir(cwd)
-    return code, err.getvalue()
-
-
 def test_validate_survives_mutated_data_files(tmp_path_factory):
     base = write_study(tmp_path_factory.mktemp("study")).parent
     folder = tmp_path_factory.mktemp("fuzz")
@@ -102,7 +73,7 @@ def test_validate_survives_mutated_data_files(tmp_path_factory):
             text = (folder / name).read_bytes().decode(errors="surrogateescape")
             (folder / name).write_bytes(mutate(text, kind, *parameters))
         before = spec_fuzz.listing(folder)
-        code, err = validate(folder)
+        code, _, err = spec_fuzz.run_cli(["validate", "spec.yaml"], folder)
         assert code in (0, 1) and "Traceback" not in err, (changes, code, err[-3000:])
         assert spec_fuzz.listing(folder) == before, changes  # validate writes nothing
         outcomes.add(code)

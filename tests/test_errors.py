@@ -398,3 +398,19 @@ def test_debug_process_shows_traceback(tmp_path):
 def test_nuts_with_several_parameterisations(tmp_path, capsys):
     run_bad(tmp_path, capsys, "spec.yaml: model.parameterisations: ", "NUTS does not give",
             set_=["model.method=nuts", "model.parameterisations=[random_walk, independent]"])
+
+
+def test_a_400_digit_prediction_is_refused_as_written(tmp_path, capsys):
+    """Found by tests/test_data_fuzz.py: pandas reads it as a Python int that to_numeric cannot convert."""
+    run_bad(tmp_path, capsys, "radiologists.csv: row 2: prediction 99999", "is not a probability",
+            command="validate", radiologists_edit=row_edit("prediction", 0, "9" * 400))
+
+
+def test_a_missing_label_is_an_empty_label(tmp_path, capsys):
+    """Found by tests/test_data_fuzz.py: a missing label cell reached the label suggestions as a float."""
+    def only_missing_labels(table):
+        table["label"] = None
+        return table
+
+    run_bad(tmp_path, capsys, "cases.csv", "no case has label 'malignant'", command="validate",
+            cases_edit=only_missing_labels)
