@@ -204,7 +204,7 @@ class ImageWork:
             c.options, recurse=True), c.severity, c.seed_key] for c in mine]
         for chunk in chunks:
             # The plugins' code is in the key: an edited model or perturbation must not reuse old results.
-            key = stable_hash([__version__, plugin_version(self.registry, "model", model.name), model.name,
+            key = stable_hash([__version__, core_digest(), plugin_version(self.registry, "model", model.name), model.name,
                                options_key(options), checkpoint.digest, described, regions,
                                self.spec.study.seed, chunk, [self.image_keys[c] for c in chunk]])
             units.append(_Unit(
@@ -435,6 +435,14 @@ def plugin_version(registry: Registry, kind: str, name: str) -> str:
 
 
 _SOURCES: dict = {}  # per process: source file -> ((size, mtime), digest)
+
+
+def core_digest() -> str:
+    """The source of the core modules that load, perturb and predict on images and train models, for
+    cache keys: in a checkout their version never changes while their code does."""
+    from . import images, perturbation, training
+
+    return stable_hash([source_digest(module) for module in (images, perturbation, sys.modules[__name__], training)])
 
 
 def source_digest(obj) -> str:

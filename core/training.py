@@ -41,8 +41,8 @@ from .data import load_cases
 from .errors import PerceptcoreError
 from .plugins import Registry
 from .resources import StageProgress, available_cores, set_threads, stage
-from .runner import (CaseImages, FileDigests, ViewImage, options_key, perturb_image, plugin_version, seed_of,
-                     severity_value, stable_hash)
+from .runner import (CaseImages, FileDigests, ViewImage, core_digest, options_key, perturb_image, plugin_version,
+                     seed_of, severity_value, stable_hash)
 from .spec import Spec, TrainingSection, structure, structure_options
 
 GRADIENT = ("network", "loss", "checkpoint")
@@ -127,7 +127,7 @@ class Training:
         # Contents, not paths: the file's name stays because it seeds the perturbation's draws.
         data_key = [[self.digests(r.file), r.file.name, r.view, r.laterality, r.pixel_spacing_mm, r.bits,
                      list(map(list, r.roi_boxes))] for r in self.manifest] + [self.case_ids, self.labels.tolist()]
-        common = [__version__, self.model.name, plugin_version(registry, "model", self.model.name),
+        common = [__version__, core_digest(), self.model.name, plugin_version(registry, "model", self.model.name),
                   options_key(self.options), data_key, section.epochs, section.batch_size,
                   section.learning_rate, section.weight_decay, init_digest, spec.study.seed]
         perturbation = None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 
@@ -124,3 +125,23 @@ def test_editing_a_plugins_code_misses_the_cache(tmp_path, monkeypatch):
     assert len(missing(again)) == len(again.units) > 0
     sys.modules.pop("brighten_plugin", None)
     sys.modules.pop("brighten_plugin._kernel", None)
+
+
+def test_editing_the_cores_image_code_misses_the_cache(tmp_path, monkeypatch):
+    """perceptcore's own version never changes in a checkout: the source of the core modules that
+    load, perturb and predict is in the key too. Here images.py is edited (a copy it is read from)."""
+    import perceptcore.images
+
+    spec = write_imaging_study(tmp_path / "study")
+    runner_of(spec).run(quiet)
+    assert missing(runner_of(spec)) == []
+    original = Path(perceptcore.images.__file__)
+    (tmp_path / "core").mkdir()
+    copy = tmp_path / "core" / "images.py"
+    for name in ("images.py", "__init__.py"):  # the package-private modules beside it count too
+        (tmp_path / "core" / name).write_text((original.parent / name).read_text())
+    monkeypatch.setattr(perceptcore.images, "__file__", str(copy))
+    assert missing(runner_of(spec)) == []  # the same source, read from elsewhere: still a hit
+    copy.write_text(copy.read_text() + "\n# edited\n")
+    again = runner_of(spec)
+    assert len(missing(again)) == len(again.units) > 0
