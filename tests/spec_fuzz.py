@@ -1,6 +1,7 @@
-"""Structured mutations of study specs and `--set` values, run through `perceptcore validate`
-in-process, and what an outcome must satisfy. Shared by tests/test_spec_fuzz.py (a fixed-seed
-Hypothesis budget in the suite) and benchmarks/fuzz_spec.py (10,000+ examples, with counts).
+"""Structured mutations of study specs, `--set` values and a study's data files, run through
+`perceptcore validate` in-process, and what an outcome must satisfy. Shared by
+tests/test_spec_fuzz.py and tests/test_data_fuzz.py (fixed-seed Hypothesis budgets in the suite)
+and benchmarks/fuzz_spec.py (10,000+ examples, with counts).
 
 An example is (base spec, mutations of its YAML, --set values). `run_example` writes the spec
 into an empty folder, runs `main(["validate", ...])` there with stdout/stderr captured and an
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import traceback
 from pathlib import Path
@@ -209,6 +211,69 @@ def run_example(example: Example, specs: dict, folder: Path, seconds: int = HANG
         path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
     leftovers = tuple(sorted(set(after) - set(before)))
     return Outcome(code, out, err, leftovers, seconds_taken)
+
+
+DATA_FILES = ("cases.csv", "radiologists.csv", "dnns.csv")
+# What a careless export or a hostile user can put in a cell.
+CELLS = ["", " ", "nan", "NaN", "inf", "-inf", "-1", "2", "1e308", "-0", "abc", "malignnt", "Malignant", "None",
+         "True", "0x10", "1,5", '"', "\x00", "\u202e", "9" * 400, "0.5", "1", "0"]
+MUTATIONS = ("cell", "truncate", "drop_column", "duplicate_row", "shuffle_rows", "rename_header", "bytes", "empty")
+
+
+@st.composite
+def data_mutations(draw):
+    """(file, kind, parameters) of one mutation; the parameters are fractions and picks, applied to the file."""
+    return (draw(st.sampled_from(DATA_FILES)), draw(st.sampled_from(MUTATIONS)), draw(st.floats(0, 1)), draw(st.floats(0, 1)),
+            draw(st.sampled_from(CELLS)), draw(st.binary(max_size=64)))
+
+
+def mutate(text: str, kind: str, where: float, which: float, cell: str, raw: bytes) -> bytes:
+    """The file after one mutation; text is the file decoded with surrogateescape (an earlier mutation
+    may have left any bytes), so encoding it back gives those bytes again."""
+    lines = text.splitlines()
+    if kind == "bytes":
+        return raw
+    if kind == "empty":
+        return b""
+    if kind == "truncate":
+        return text.encode(errors="surrogateescape")[: int(where * len(text))]
+    if len(lines) < 2:  # an earlier mutation left no row to change
+        return text.encode(errors="surrogateescape")
+    header, rows = lines[0].split(","), lines[1:]
+    r, c = min(int(where * len(rows)), len(rows) - 1), min(int(which * len(header)), len(header) - 1)
+    if kind == "cell":
+        values = rows[r].split(",")
+        values[c] = f'"{cell}"' if "," in cell else cell
+        rows[r] = ",".join(values)
+    elif kind == "drop_column":
+        header = header[:c] + header[c + 1:]
+        rows = [",".join(v[:c] + v[c + 1:]) for v in (row.split(",") for row in rows)]
+    elif kind == "duplicate_row":
+        rows.insert(r, rows[r])
+    elif kind == "shuffle_rows":
+        rows = rows[r:] + rows[:r]
+    elif kind == "rename_header":
+        header[c] = cell or "x"
+    return ("\n".join([",".join(header)] + rows) + "\n").encode(errors="surrogateescape")
+
+
+def run_data_example(changes: list, study: Path, folder: Path, seconds: int = HANG_SECONDS) -> Outcome:
+    """`perceptcore validate` on a copy of the study (in `folder`) with its data files mutated."""
+    import time
+
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(study, folder)
+    for name, kind, *parameters in changes:
+        text = (folder / name).read_bytes().decode(errors="surrogateescape")
+        (folder / name).write_bytes(mutate(text, kind, *parameters))
+    before = listing(folder)
+    started = time.perf_counter()
+    code, out, err = run_cli(["validate", "spec.yaml"], folder, seconds)
+    leftovers = tuple(sorted(set(listing(folder)) - set(before)))
+    return Outcome(code, out, err, leftovers, time.perf_counter() - started)
+
+
+DATA_EXAMPLE = Example("spec.yaml", (), ())  # what problems() needs to know of a data example: the spec's name
 
 
 def problems(example: Example, outcome: Outcome) -> list[str]:

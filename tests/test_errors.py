@@ -414,3 +414,10 @@ def test_a_missing_label_is_an_empty_label(tmp_path, capsys):
 
     run_bad(tmp_path, capsys, "cases.csv", "no case has label 'malignant'", command="validate",
             cases_edit=only_missing_labels)
+
+
+def test_a_junk_subgroup_cell_is_echoed_short(tmp_path, capsys):
+    """Found by benchmarks/fuzz_spec.py --data: the subgroup plugin echoed a 400-character cell whole."""
+    line = run_bad(tmp_path, capsys, "has subgroup '9999", "expected one of microcalcifications", command="validate",
+                   cases_edit=row_edit("subgroup", 0, "9" * 400))
+    assert "9" * 100 not in line, line

@@ -13,6 +13,7 @@ import difflib
 import numpy as np
 import pandas as pd
 
+from perceptcore.data import short_repr
 from perceptcore.errors import PerceptcoreError
 from perceptcore.plugins import hookimpl
 
@@ -76,7 +77,7 @@ class BreastLesions:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise PerceptcoreError(
-                f"case {cases['case'].iloc[i]!r} has subgroup {values[i]!r} in column {column!r}; "
+                f"case {short_repr(cases['case'].iloc[i])} has subgroup {short_repr(values[i])} in column {column!r}; "
                 f"expected one of {', '.join(SUBGROUPS)}",
                 f"{where}.column",
             )
