@@ -421,3 +421,12 @@ def test_a_junk_subgroup_cell_is_echoed_short(tmp_path, capsys):
     line = run_bad(tmp_path, capsys, "has subgroup '9999", "expected one of microcalcifications", command="validate",
                    cases_edit=row_edit("subgroup", 0, "9" * 400))
     assert "9" * 100 not in line, line
+
+
+def test_a_junk_column_name_is_echoed_short(tmp_path, capsys):
+    """Found by benchmarks/fuzz_spec.py --data: the subgroup plugin listed a 400-character header whole."""
+    def junk_header(table):
+        return table.rename(columns={"subgroup": "9" * 400})
+
+    line = run_bad(tmp_path, capsys, "lacks finding column(s)", command="validate", cases_edit=junk_header)
+    assert "9" * 100 not in line, line

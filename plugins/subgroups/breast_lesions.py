@@ -70,7 +70,7 @@ class BreastLesions:
     def _from_column(self, cases, column, where):
         if column not in cases.columns:
             raise PerceptcoreError(
-                f"the cases table has no column {column!r} (columns: {', '.join(cases.columns)})", f"{where}.column"
+                f"the cases table has no column {column!r} (columns: {_columns(cases)})", f"{where}.column"
             )
         values = cases[column].astype(str).str.strip().to_numpy()
         bad = ~np.isin(values, SUBGROUPS)
@@ -90,7 +90,7 @@ class BreastLesions:
         if missing:
             raise PerceptcoreError(
                 f"the cases table lacks finding column(s) {', '.join(map(repr, missing))} and no subgroup "
-                f"column was given (columns: {', '.join(cases.columns)})",
+                f"column was given (columns: {_columns(cases)})",
                 f"{where}.findings",
             )
         flags = {kind: _yes_no(cases, column, f"{where}.findings.{kind}") for kind, column in columns.items()}
@@ -120,6 +120,11 @@ def _yes_no(cases, column, where) -> np.ndarray:
             where,
         )
     return words.isin(TRUE_WORDS).to_numpy()
+
+
+def _columns(cases: pd.DataFrame) -> str:
+    """The cases table's columns for an error message, each cut short: a header can be junk."""
+    return ", ".join(short_repr(str(c), 40).strip("'") for c in cases.columns[:30])
 
 
 @hookimpl
