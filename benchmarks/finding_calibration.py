@@ -15,8 +15,10 @@ Clopper-Pearson intervals:
     and the share of studies with at least one at any severity (not corrected for the 8 severities:
     the report's per-severity findings are per-severity statements);
   - "unchanged" under the null (the power of the equivalence statement) and wrongly "unchanged"
-    where the true gamma lies beyond the margin (at most alpha is the claim);
-  - "lowered" under the effect (power), per severity.
+    where the true effect lies beyond the margin (at most alpha is the claim; for Delta the truth is
+    the simulated readers' mean KS change, tests/simulate.py);
+  - "lowered" under the effect (power), per severity;
+  - the coverage of the central 95 % credible interval (the true effect inside it), per scenario.
 """
 
 from __future__ import annotations
@@ -50,17 +52,20 @@ def one_study(task: tuple) -> tuple:
     seed, i, name, design, n_others = task
     rng = np.random.default_rng([seed, i, list(SCENARIOS).index(name)])
     gamma = {subgroup: ramp(SCENARIOS[name]) for subgroup in PUBLISHED_SUBGROUPS}
-    split, _, positive = simulate_subgroup_study(rng, gamma, design, n_others)
+    split, _, positive, truth = simulate_subgroup_study(rng, gamma, design, n_others)
     backend = load_registry().get("backend", "torch", "benchmark")
     fit = backend.fit(split, FitSettings(draws=1000, seed=int(rng.integers(2**31))), lambda m: None)
     analyses = AnalysesSection()
     ks = mean_ks_draws(fit.draws, split.case_group, positive, [split.case_group == k for k in (0, 1)])
-    effects = {"predictive_confidence": (fit.draws["gamma"][:, 1:, :2], analyses.margins.gamma),
-               "bayesian_separability": (ks[:, 1:, :] - ks[:, :1, :], analyses.margins.ks)}
+    true_gamma = np.column_stack([gamma[s][1:] for s in PUBLISHED_SUBGROUPS])  # (S - 1, 2)
+    effects = {"predictive_confidence": (fit.draws["gamma"][:, 1:, :2], analyses.margins.gamma, true_gamma),
+               "bayesian_separability": (ks[:, 1:, :] - ks[:, :1, :], analyses.margins.ks, truth["ks_change"])}
     out = {}
-    for analysis, (draws, margin) in effects.items():
-        out[analysis] = np.array([[posterior_finding(draws[:, s, k], analyses.alpha, margin)
-                                   for s in range(draws.shape[1])] for k in range(2)])
+    for analysis, (draws, margin, true) in effects.items():
+        found = np.array([[posterior_finding(draws[:, s, k], analyses.alpha, margin)
+                           for s in range(draws.shape[1])] for k in range(2)])
+        low, high = np.quantile(draws, [0.025, 0.975], axis=0)  # (S - 1, 2)
+        out[analysis] = {"found": found, "truth": true.T, "covered": ((low <= true) & (true <= high)).T}
     return name, out, fit.converged
 
 
@@ -86,10 +91,9 @@ def main() -> None:
     alpha = AnalysesSection().alpha
     print(f"{args.studies} studies per scenario, design {args.design}, {args.others} other negatives, alpha {alpha}, "
           f"{time.perf_counter() - started:.0f} s")
-    truth = ramp(SCENARIOS["effect"])[1:]
     for analysis in ("predictive_confidence", "bayesian_separability"):
-        null = np.stack([r[analysis] for r in results["null"]])  # (studies, subgroups, severities)
-        effect = np.stack([r[analysis] for r in results["effect"]])
+        null = np.stack([r[analysis]["found"] for r in results["null"]])  # (studies, subgroups, severities)
+        effect = np.stack([r[analysis]["found"] for r in results["effect"]])
         n = null.shape[0] * null.shape[1]
         changed = np.isin(null, ("lowered", "raised"))
         print(f"{analysis}:")
@@ -99,10 +103,15 @@ def main() -> None:
         unchanged = null == "unchanged"
         print(f"  null, 'unchanged' (equivalence power), per severity: "
               + "; ".join(rate(int(unchanged[:, :, s].sum()), n) for s in range(null.shape[2])))
-        if analysis == "predictive_confidence":
-            beyond = np.abs(truth) >= AnalysesSection().margins.gamma
-            wrong = (effect == "unchanged")[:, :, beyond]
-            print(f"  effect, wrongly 'unchanged' where |gamma| >= margin: {rate(int(wrong.sum()), wrong.size)}")
+        margin = getattr(AnalysesSection().margins, "gamma" if analysis == "predictive_confidence" else "ks")
+        found = np.concatenate([null, effect])
+        truth = np.stack([r[analysis]["truth"] for name in SCENARIOS for r in results[name]])
+        beyond = np.abs(truth) >= margin
+        wrong = (found == "unchanged")[beyond]
+        print(f"  wrongly 'unchanged' where the true |effect| >= margin {margin}: {rate(int(wrong.sum()), wrong.size)}")
+        for name in SCENARIOS:
+            covered = np.stack([r[analysis]["covered"] for r in results[name]])
+            print(f"  {name}, true effect inside the 95 % credible interval: {rate(int(covered.sum()), covered.size)}")
         lowered = effect == "lowered"
         print(f"  effect, 'lowered' (power), per severity: "
               + "; ".join(rate(int(lowered[:, :, s].sum()), n) for s in range(effect.shape[2])))

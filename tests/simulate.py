@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 import numpy as np
+from scipy import stats
 
 from perceptcore.latent_model import LatentModelData, Priors
 
@@ -19,6 +20,7 @@ def simulate_study(
     sparse: bool = False,
     concentration: float = 3.0,
     gamma_scale: float = 0.5,
+    group_sizes=None,
 ) -> tuple[LatentModelData, dict]:
     """Draw parameters and predictions from the latent model.
 
@@ -31,9 +33,16 @@ def simulate_study(
     each pair once, at one severity drawn uniformly (the reader-study design).
     Soft predictions are Beta draws with mean inv_logit(eta): their expectation is
     what the soft Bernoulli likelihood fits, so the parameters stay recoverable.
+    group_sizes: cases per subgroup (summing to n_cases), e.g. the published subgroups' sizes;
+    by default the cases are spread evenly over the subgroups.
     """
     N, R, S, G = n_cases, n_readers, n_severities, n_groups
-    case_group = rng.permutation(np.arange(N) % G)  # every subgroup present
+    if group_sizes is None:
+        case_group = rng.permutation(np.arange(N) % G)  # every subgroup present
+    else:
+        if len(group_sizes) != G or sum(group_sizes) != N:
+            raise ValueError(f"group_sizes {group_sizes} must have {G} entries summing to {N}")
+        case_group = rng.permutation(np.repeat(np.arange(G), group_sizes))
     b = rng.normal(size=G)
     mu = rng.normal(size=N)
     gamma_free = rng.normal(scale=gamma_scale, size=(S - 1, G))
@@ -96,8 +105,11 @@ def simulate_subgroup_study(rng: np.random.Generator, gamma: dict, design: str =
     design "radiologists": 10 readers each read every case once at a uniformly random severity, 0/1
     calls; "dnns": 5 seeds predict every case at every severity, probabilities (Beta around the
     model's p). Case effects separate the classes: mu ~ N(+-1.25, 1) for malignant / negative.
-    Returns (split data, merged data, positive mask); data hold group 0, 1 = the subgroups in
+    Returns (split data, merged data, positive mask, truth); data hold group 0, 1 = the subgroups in
     PUBLISHED_SUBGROUPS order (merged: group 0 = both) and the last group = the other negatives.
+    truth["ks_change"] (S - 1, 2): each subgroup's true change of the readers' mean KS statistic (its
+    positives against all negatives, on the noise-free logits) from the reference to each severity,
+    the quantity bayesian_separability's Delta estimates.
     """
     names = list(PUBLISHED_SUBGROUPS)
     sizes = [PUBLISHED_SUBGROUPS[n] for n in names] + [(n_others, 0)]
@@ -126,7 +138,10 @@ def simulate_subgroup_study(rng: np.random.Generator, gamma: dict, design: str =
                             severity=severity, case=case, prediction=prediction, soft=soft)
     merged_group = np.where(group < len(names), 0, 1)
     merged = attrs.evolve(split, n_groups=2, case_group=merged_group)
-    return split, merged, positive
+    logits = b[group] + mu + levels[:, group][None] + nu[:, group][:, None]  # (R, S, N)
+    ks = np.array([[[stats.ks_2samp(logits[r, s, (group == k) & positive], logits[r, s, ~positive]).statistic
+                     for k in range(len(names))] for s in range(S)] for r in range(R)]).mean(axis=0)
+    return split, merged, positive, {"ks_change": ks[1:] - ks[:1]}
 
 
 def paradox_flags(backend, settings, split, merged, positive, alpha: float, margins) -> dict:
