@@ -1,4 +1,5 @@
-"""The `perceptcore` command: run, validate, train, plugins, design-reader-study, import-reads."""
+"""The `perceptcore` command: run, validate, train, plugins, design-reader-study, import-reads, and the
+commands plugins register (the reading station's `read`, `read-status`, `read-export`)."""
 
 from __future__ import annotations
 
@@ -8,39 +9,81 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .errors import PerceptcoreError
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands, subparsers = _parser()
+    try:
+        # Plugins are imported only for a command that is not built in, or to list them all in --help.
+        word = next((a for a in argv if not a.startswith("-")), None)
+        if word not in commands and not {"--version"} & set(argv):
+            _add_plugin_commands(subparsers, commands)
+    except PerceptcoreError as exc:
+        if "--debug" in argv:
+            raise
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
+    try:
+        return commands[args.command](args)
+    except PerceptcoreError as exc:
+        if args.debug:
+            raise
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no results were written (finished prediction work units stay in the cache)",
+              file=sys.stderr)
+        return 130
+
+
+def _add_plugin_commands(subparsers, commands: dict) -> None:
+    from .plugins import load_registry
+
+    for item in load_registry().all("command"):
+        if item.name in commands:
+            raise PerceptcoreError(f"command {item.name!r} is built into perceptcore; rename the plugin's command",
+                                   f"plugin {item.plugin!r} ({item.package})")
+        try:
+            item.obj.add_arguments(subparsers.add_parser(item.name, help=item.obj.help, description=item.obj.help))
+        except Exception as exc:  # a broken third-party command must not look like our bug
+            raise PerceptcoreError(f"command {item.name!r} could not declare its arguments: {type(exc).__name__}: "
+                                   f"{exc}", f"plugin {item.plugin!r} ({item.package})") from exc
+        commands[item.name] = item.obj.run
+
+
+def _parser():
+    """The argument parser of the built-in commands, {command: function}, and the sub-parsers."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="perceptcore", description=__doc__)
     parser.add_argument("--version", action="version", version=f"perceptcore {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a study spec and write its results")
+    run = sub.add_parser("run", help="run a study spec and write its results")
     run.add_argument("spec", help="the study spec (YAML)")
     run.add_argument("--out", help="output folder (default: outputs.dir of the spec, else ./perceptcore-runs/<study>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data (repeatable)")
 
-    validate = commands.add_parser("validate", help="check a spec and its data without fitting anything")
+    validate = sub.add_parser("validate", help="check a spec and its data without fitting anything")
     validate.add_argument("spec", help="the study spec (YAML)")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data (repeatable)")
 
-    train = commands.add_parser("train", help="train the spec's `training` models (run trains them too)")
+    train = sub.add_parser("train", help="train the spec's `training` models (run trains them too)")
     train.add_argument("spec", help="the study spec (YAML)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec key, e.g. --set model.draws=200 or --set data_dir=/data (repeatable)")
 
-    commands.add_parser("plugins", help="list the loaded plugins")
+    sub.add_parser("plugins", help="list the loaded plugins")
 
-    design = commands.add_parser("design-reader-study",
+    design = sub.add_parser("design-reader-study",
                                  help="assign each reader every exam once at a severity; write blinded worksheets")
     design.add_argument("cases", help="CSV with an exam column and a case column (e.g. the cases table)")
     design.add_argument("--readers", required=True, help="how many readers (named reader01, …) or their names, comma-separated")
@@ -56,28 +99,22 @@ def main(argv=None) -> int:
     design.add_argument("--perturbation", help="the perturbation plugin for --images (e.g. gaussian_lowpass)")
     design.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the perturbation, e.g. --option unit=mm")
+    design.add_argument("--calls", default="probability", choices=("probability", "binary", "birads"),
+                        help="what readers record per breast in the reading station: a probability of malignancy "
+                        "0-100 %% (default, as published), a binary call or a BI-RADS category")
+    design.add_argument("--roi", action="store_true", help="readers also draw up to 3 ROI boxes per view "
+                        "(the annotation study; needs --images)")
 
-    reads = commands.add_parser("import-reads", help="turn filled worksheets into a tidy prediction table")
+    reads = sub.add_parser("import-reads", help="turn filled worksheets into a tidy prediction table")
     reads.add_argument("design", help="the folder design-reader-study wrote")
     reads.add_argument("worksheets", nargs="+", help="filled worksheet CSVs")
     reads.add_argument("--calls", default="binary", choices=("binary", "probability"),
                        help="0/1 calls or probabilities in [0, 1]")
     reads.add_argument("--out", required=True, help="the prediction table to write (CSV)")
 
-    args = parser.parse_args(argv)
-    try:
-        commands = {"run": _run, "validate": _validate, "train": _train, "plugins": _plugins,
-                    "design-reader-study": _design_reader_study, "import-reads": _import_reads}
-        return commands[args.command](args)
-    except PerceptcoreError as exc:
-        if args.debug:
-            raise
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no results were written (finished prediction work units stay in the cache)",
-              file=sys.stderr)
-        return 130
+    builtin = {"run": _run, "validate": _validate, "train": _train, "plugins": _plugins,
+               "design-reader-study": _design_reader_study, "import-reads": _import_reads}
+    return parser, builtin, sub
 
 
 MAX_ERROR = 500  # characters of an error line: room for two long absolute paths
@@ -94,94 +131,29 @@ def one_line(message: str) -> str:
     return text
 
 
-def _study(args):
-    from .dataset import generated, with_generated_data
-    from .plugins import load_registry
-    from .resources import stage
-    from .robustness import Robustness
-    from .run import Study, check_out_dir, claim_out_dir, default_out_dir, progress_to_stderr, release_out_dir
-    from .runner import ImageWork, Runner
-    from .spec import check_plugins, load_spec
-    from .training import TrainingLog, trainings_of
-
-    spec = load_spec(args.spec, args.overrides)
-    if args.command == "run":  # before any work: lock --out; refuse one that cannot be written or is not a run
-        claim_out_dir(_out_dir(args, spec))
-    elif args.command == "validate":
-        try:
-            check_out_dir(default_out_dir(spec))
-        except PerceptcoreError as exc:  # the folder came from the spec: name its key too
-            raise exc.at(f"{spec.source}: outputs.dir" if spec.outputs.dir else spec.source) from None
-    registry = load_registry()
-    try:
-        check_plugins(spec, registry)  # before any data is generated, read, trained or predicted
-        if args.command == "validate" and not generated(spec, registry):  # validate generates nothing
-            print(f"{spec.source}: ok — the run will generate dataset {spec.dataset.name!r}; the data are checked "
-                  "when they exist")
-            return []
-        with stage("data"):  # timings.json: a generated dataset's time is the run's data stage
-            spec = with_generated_data(spec, registry, progress_to_stderr)
-        trainings = trainings_of(spec, registry)
-        work = ImageWork.of(spec, registry, trainings)
-        robustness = Robustness(spec, work, progress_to_stderr) if spec.robustness else None
-        runner = Runner(spec, work)
-        if args.command == "validate":
-            planned = [f"{len(t.jobs)} models of training {t.name!r}" for t in trainings.values()]
-            if runner.units:
-                planned.append(f"{runner.n_predictions} predictions in {len(runner.units)} work units")
-            if robustness:
-                planned.append(f"the robustness study of {len(robustness.perturbations)} perturbations")
-            if planned:
-                print(f"{spec.source}: ok — the run will compute {', '.join(planned)}; their analysis is checked "
-                      "when they exist")
-                return []
-        for training in trainings.values():
-            training.run(progress_to_stderr)
-        if args.command == "train":
-            return list(trainings.values())
-        log = TrainingLog(list(trainings.values())) if trainings else None  # the report draws its curves
-        parts = [Study(runner.run(progress_to_stderr), registry, training_log=log)] if spec.perception else []
-        parts += [robustness] if robustness else []
-        return parts + ([log] if log else [])
-    except PerceptcoreError as exc:
-        if args.command == "run":
-            release_out_dir(_out_dir(args, spec))  # nothing was written: the next run may have --out
-        raise exc.at(spec.source) from None
-
+# run, validate and train are core/pipeline.py's Pipeline.run, .validate and .train; here they are printed.
 
 def _train(args) -> int:
-    trainings = _study(args)
-    if not trainings:
-        raise PerceptcoreError("the spec has no `training` section", args.spec)
-    for training in trainings:
-        for reader, path, _, level in training.checkpoints():
-            severity = "" if level is None else f" severity {training.spec.severities.levels[level]}"
-            print(f"{training.name}{severity} {reader}: {path}")
+    from .pipeline import load
+
+    for model in load(args.spec, args.overrides).train():
+        severity = "" if model.severity is None else f" severity {model.severity}"
+        print(f"{model.training}{severity} {model.reader}: {model.path}")
     return 0
 
 
-def _out_dir(args, spec) -> Path:
-    from .run import default_out_dir
-
-    return Path(args.out).resolve() if args.out else default_out_dir(spec)
-
-
 def _run(args) -> int:
-    from .run import Study, write_run
+    from .pipeline import load
 
     started = time.perf_counter()
-    parts = _study(args)
-    spec = parts[0].spec
-    out = write_run(spec, _out_dir(args, spec), parts)
-    studies = [part for part in parts if isinstance(part, Study)]
-    if not studies:
-        print(f"wrote {out} in {time.perf_counter() - started:.1f} s (robustness study)")
+    results = load(args.spec, args.overrides).run(args.out)
+    if results.backend is None:
+        print(f"wrote {results.out} in {time.perf_counter() - started:.1f} s (robustness study)")
         return 0
-    study = studies[0]
-    records = study.fit_records()
+    print(f"wrote {results.out} in {time.perf_counter() - started:.1f} s "
+          f"(backend {results.backend}, method {results.method})")
+    records = results.fit_diagnostics
     unconverged = records[~records["converged"]] if len(records) else records
-    print(f"wrote {out} in {time.perf_counter() - started:.1f} s "
-          f"(backend {study.backend.name}, method {study.spec.model.method})")
     for _, row in unconverged.iterrows():
         print(f"warning: the fit of {row['observer']} ({row['grouping']}, {row['parameterisation']}) did not "
               f"converge or failed its own accuracy diagnostic: {row['convergence']}", file=sys.stderr)
@@ -189,14 +161,11 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    parts = _study(args)
-    if not parts:
-        return 0
-    study = parts[0]
-    counts = {name: int(np.isfinite(group.values).sum()) for name, group in study.observers.items()}
-    print(f"{study.spec.source}: ok — {len(study.cases)} cases, {len(study.severities)} severities, "
-          + ", ".join(f"{name}: {n} predictions" for name, n in counts.items())
-          + f"; backend {study.backend.name}")
+    from .pipeline import load
+
+    validation = load(args.spec, args.overrides).validate()
+    if validation.summary is not None:
+        print(validation)
     return 0
 
 
@@ -213,6 +182,8 @@ def _plugins(args) -> int:
 
 
 def _design_reader_study(args) -> int:
+    import attrs
+
     from . import reader_study
     from .run import progress_to_stderr
     from .data import read_table, require_columns
@@ -220,6 +191,9 @@ def _design_reader_study(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise PerceptcoreError("already exists; a design is written once (its assignment is the study's key)", str(out))
+    if args.roi and not args.images:
+        raise PerceptcoreError("ROI boxes are drawn on the readers' images: give --images and --perturbation too",
+                               "--roi")
     path = Path(args.cases)
     table = read_table(path, str(path), text_columns=(args.exam_column, args.case_column))
     require_columns(table, [args.exam_column, args.case_column], path, str(path))
@@ -228,23 +202,34 @@ def _design_reader_study(args) -> int:
     imaging = _reader_images_setup(args) if args.images or args.perturbation else None
     assignment = reader_study.assign(list(cases_of_exam), readers, args.severities, args.scheme, args.seed)
     sheets = reader_study.worksheets(assignment, cases_of_exam)
+    record = reader_study.design_record(
+        calls=args.calls, roi=args.roi, severities=args.severities, perturbation=args.perturbation if imaging else None,
+        options=attrs.asdict(imaging[2], recurse=True) if imaging else {},
+        manifest=imaging[0].path if imaging else None, seed=args.seed, scheme=args.scheme, readers=readers)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "worksheets").mkdir(parents=True)
+    try:  # everything goes to the staging folder, renamed when complete: never half a design
+        if imaging is not None:
+            images = reader_study.write_images(assignment, cases_of_exam, *imaging, args.seed, staging / "images",
+                                               progress_to_stderr)
+            images.to_csv(staging / "images.csv", index=False)
+        assignment.to_csv(staging / "assignment.csv", index=False)
+        pd.DataFrame([(e, c) for e, cs in cases_of_exam.items() for c in cs], columns=["exam", "case"]).to_csv(
+            staging / "exams.csv", index=False)
+        for reader, sheet in sheets.items():
+            sheet.to_csv(staging / "worksheets" / f"{reader}.csv", index=False)
+        reader_study.write_design_record(record, staging / "design.json")
+        reader_study.write_tokens(readers, staging / "tokens.csv")
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"wrote {out}: {len(readers)} readers x {len(cases_of_exam)} exams ({args.scheme}, seed {args.seed}; "
+          f"{args.calls} calls{', ROI boxes' if args.roi else ''})")
     if imaging is not None:
-        try:
-            reader_study.write_images(assignment, cases_of_exam, *imaging, args.seed, staging / "images",
-                                      progress_to_stderr)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    assignment.to_csv(staging / "assignment.csv", index=False)
-    pd.DataFrame([(e, c) for e, cs in cases_of_exam.items() for c in cs], columns=["exam", "case"]).to_csv(
-        staging / "exams.csv", index=False)
-    for reader, sheet in sheets.items():
-        sheet.to_csv(staging / "worksheets" / f"{reader}.csv", index=False)
-    staging.rename(out)
-    print(f"wrote {out}: {len(readers)} readers x {len(cases_of_exam)} exams ({args.scheme}, seed {args.seed})")
+        print(f"serve it to the readers with: perceptcore read {out}  (their links: perceptcore read-status {out} "
+              "--links)")
     return 0
 
 

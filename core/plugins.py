@@ -47,6 +47,10 @@ class HookSpecs:
     def perceptcore_register_datasets(self, register):
         """Register data generators: objects with `name`, `Options` and `generate(options, folder, seed, progress)`."""
 
+    @hookspec
+    def perceptcore_register_commands(self, register):
+        """Register CLI commands: objects with `name`, `help`, `add_arguments(parser)` and `run(args) -> int`."""
+
 
 # What the core needs of each kind, beyond a `name`; checked at registration.
 KINDS = {
@@ -56,8 +60,10 @@ KINDS = {
     "metric": ("perceptcore_register_metrics", ("outputs", "compute")),
     "backend": ("perceptcore_register_backends", ("methods", "priority", "unavailable_reason", "fit")),
     "dataset": ("perceptcore_register_datasets", ("Options", "generate")),
+    "command": ("perceptcore_register_commands", ("help", "add_arguments", "run")),
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_COMMAND_NAME = re.compile(r"^[a-z][a-z0-9-]*$")  # typed on a command line: read-status, not read_status
 
 
 @attrs.frozen
@@ -167,10 +173,10 @@ def _register_callback(registry, kind, required, plugin_name, package, version):
     def register(obj):
         where = f"plugin {plugin_name!r}"
         name = getattr(obj, "name", None)
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise PerceptcoreError(
-                f"registered a {kind} whose name {name!r} is not a lower-case identifier", where
-            )
+        pattern = _COMMAND_NAME if kind == "command" else _NAME
+        if not isinstance(name, str) or not pattern.match(name):
+            shape = "a lower-case word (letters, digits, -)" if kind == "command" else "a lower-case identifier"
+            raise PerceptcoreError(f"registered a {kind} whose name {name!r} is not {shape}", where)
         missing = [attr for attr in required if not hasattr(obj, attr)]
         if missing:
             raise PerceptcoreError(f"{kind} {name!r} lacks {', '.join(missing)}", where)

@@ -5,10 +5,19 @@ for each reader and exam (as in the published study), or balanced so that each r
 sees each severity equally often (to within one when the exams do not divide evenly).
 The reading order is shuffled per reader. Worksheets are blinded (no severity); the
 assignment file is the key that `import_reads` uses to turn calls into predictions.
+
+A design folder also holds what the reading station (`perceptcore read`) needs: design.json
+(how the design was made and what readers are asked: the call type, ROI boxes or not),
+tokens.csv (each reader's and the study team's secret link token, owner-only) and, with
+images, images.csv (one row per written image: whose, which exam, case and view, its size,
+bit depth and the source's DICOM window).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +30,12 @@ from .errors import PerceptcoreError
 SCHEMES = ("uniform", "balanced")
 ASSIGNMENT_COLUMNS = ("reader", "order", "exam", "severity")
 WORKSHEET_COLUMNS = ("reader", "order", "exam", "case", "call")
+CALLS = ("probability", "binary", "birads")  # probability: 0-100 %, as in the published study
+MAX_BOXES = 3  # ROI boxes a reader may draw per view
+DESIGN_VERSION = 1
+TOKEN_COLUMNS = ("role", "reader", "token")
+IMAGE_COLUMNS = ("reader", "order", "exam", "case", "laterality", "view", "file", "bits", "height", "width",
+                 "window_center", "window_width")
 
 
 def assign(exams: Sequence[str], readers: Sequence[str], severities: Sequence[str], scheme: str, seed: int) -> pd.DataFrame:
@@ -106,12 +121,13 @@ def _call(value, calls: str, where: str) -> float:
 
 
 def write_images(assignment: pd.DataFrame, cases_of_exam: dict, manifest, perturbation, options, severities: dict,
-                 seed: int, folder: Path, progress) -> int:
+                 seed: int, folder: Path, progress) -> pd.DataFrame:
     """Each reader's images, perturbed at the assigned severity, named in reading order.
 
     `severities` maps each severity label to its number. The images are exactly those the
     runner gives the models at that severity (same perturbation, same per-image seed), as
     16-bit PNGs: `<folder>/<reader>/<order>_<exam>_<case>_<laterality>_<view>.png`.
+    Returns the images.csv table, `file` relative to the parent of `folder` (the design).
     """
     import torch
     from PIL import Image
@@ -120,7 +136,7 @@ def write_images(assignment: pd.DataFrame, cases_of_exam: dict, manifest, pertur
     from .runner import perturb_image
 
     labels = list(severities)
-    written = 0
+    rows = []
     for n, row in enumerate(assignment.itertuples(index=False), start=1):
         out = folder / _safe(row.reader)
         out.mkdir(parents=True, exist_ok=True)
@@ -138,10 +154,82 @@ def write_images(assignment: pd.DataFrame, cases_of_exam: dict, manifest, pertur
                 name = "_".join(_safe(str(x)) for x in (f"{int(row.order):04d}", row.exam, case, record.laterality,
                                                          record.view))
                 Image.fromarray(grey).save(out / f"{name}.png")
-                written += 1
+                center, width = dicom_window(record, image)
+                rows.append((row.reader, int(row.order), row.exam, case, record.laterality, record.view,
+                             f"{folder.name}/{out.name}/{name}.png", image.bits, grey.shape[0], grey.shape[1],
+                             center, width))
         if n % 50 == 0 or n == len(assignment):
             progress(f"reader images: {n}/{len(assignment)} readings written")
-    return written
+    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+def dicom_window(record, image) -> tuple:
+    """(centre, width) of the source's first DICOM VOI window, in the grey levels perceptcore reads
+    (stored values, MONOCHROME1 inverted), or (None, None) when it is not DICOM or has no window.
+
+    DICOM windows apply after the modality rescale, so they are mapped back through
+    RescaleSlope/RescaleIntercept to the stored values the readers' PNGs hold."""
+    from .images import image_format
+
+    if image_format(record.file) != "dicom":
+        return None, None
+    import pydicom
+
+    ds = pydicom.dcmread(record.file, stop_before_pixels=True)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is None or width is None or width <= 0:
+        return None, None
+    slope, intercept = _first(ds.get("RescaleSlope")) or 1.0, _first(ds.get("RescaleIntercept")) or 0.0
+    center, width = (center - intercept) / slope, width / abs(slope)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        center = image.max_value - center
+    return round(center, 6), round(width, 6)
+
+
+def _first(element) -> float | None:
+    """A DICOM value as a number: the first of a multi-valued one; None when absent or not numeric."""
+    value = getattr(element, "value", element)
+    if value is None or isinstance(value, (str, bytes)) and not str(value).strip():
+        return None
+    if not isinstance(value, (str, bytes, int, float)):
+        value = next(iter(value), None)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def design_record(*, calls: str, roi: bool, severities: Sequence[str], perturbation: str | None, options: dict,
+                  manifest: Path | None, seed: int, scheme: str, readers: Sequence[str]) -> dict:
+    """The contents of design.json: how the design was made and what the readers are asked."""
+    if calls not in CALLS:
+        raise PerceptcoreError(f"unknown call type {calls!r}; expected {', '.join(CALLS)}", "--calls")
+    return {"version": DESIGN_VERSION, "calls": calls, "roi": bool(roi), "max_boxes": MAX_BOXES,
+            "severities": list(severities), "perturbation": perturbation, "options": options,
+            "manifest": str(Path(manifest).resolve()) if manifest is not None else None,
+            "seed": int(seed), "scheme": scheme, "readers": list(readers)}
+
+
+def write_design_record(record: dict, path: Path) -> None:
+    # Options may hold paths (a plugin's file options): written as text.
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def write_tokens(readers: Sequence[str], path: Path) -> dict:
+    """A secret link token per reader and one for the study team (role admin), owner-only.
+
+    Returns {reader: token, ...} with the admin's under the key None."""
+    tokens = {reader: secrets.token_urlsafe(24) for reader in readers}
+    tokens[None] = secrets.token_urlsafe(24)
+    rows = [("reader", reader, token) for reader, token in tokens.items() if reader is not None]
+    rows.append(("admin", "", tokens[None]))
+    # Created 0600 (not chmod-ed afterwards), so the tokens are never readable by others.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(descriptor, 0o600)  # whatever the umask
+    with os.fdopen(descriptor, "w", newline="") as f:
+        pd.DataFrame(rows, columns=TOKEN_COLUMNS).to_csv(f, index=False)
+    return tokens
 
 
 def _safe(text: str) -> str:

@@ -875,19 +875,20 @@ def _design(ctx) -> str:
     return text
 
 
-def _model_rows(ctx) -> pd.DataFrame:
-    """Per model (observer group x reader) on the test cases at the reference severity: accuracy of
-    thresholding at 0.5, AUC, and its mean predicted probability (before calibration) against the prevalence."""
+def model_table(study) -> pd.DataFrame:
+    """models.csv and the report's models table: per model (observer group x reader) on the test cases
+    at the reference severity, the accuracy of thresholding at 0.5, AUC, and its mean predicted
+    probability (before calibration) against the prevalence."""
     from .stats import auc
 
-    calibration = getattr(ctx.study, "calibration", None)
+    calibration = getattr(study, "calibration", None)
     before = calibration.before if calibration is not None else {}
-    positive = np.asarray(ctx.study.cases.positive, bool)
+    positive = np.asarray(study.cases.positive, bool)
     rows = []
-    for section in getattr(ctx.study.spec, "observers", ()):
-        if not getattr(section, "computed", False) or section.name not in ctx.study.observers:
+    for section in getattr(study.spec, "observers", ()):
+        if not getattr(section, "computed", False) or section.name not in study.observers:
             continue
-        group = ctx.study.observers[section.name]
+        group = study.observers[section.name]
         raw = before.get(section.name, group.values)
         for r, reader in enumerate(group.readers):
             p, calibrated = raw[r, 0], group.values[r, 0]
@@ -900,11 +901,14 @@ def _model_rows(ctx) -> pd.DataFrame:
                          "mean_probability": float(p.mean()) if seen.any() else np.nan,
                          "prevalence": float(y.mean()) if seen.any() else np.nan,
                          "calibrated_mean": float(calibrated[seen].mean()) if section.name in before else np.nan})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+
+
+MODEL_COLUMNS = ("observer", "reader", "cases", "accuracy", "auc", "mean_probability", "prevalence", "calibrated_mean")
 
 
 def _models_html(ctx, figures) -> str:
-    rows = _model_rows(ctx)
+    rows = model_table(ctx.study)
     sentences = _calibration_sentences(ctx)
     if rows.empty and not sentences and not figures:
         return ""

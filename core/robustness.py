@@ -106,6 +106,9 @@ class Robustness:
             sds[item.name] = json.loads(path.read_text())["sd"]
         return sds
 
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"robustness_auc": self.table}
+
     def write_into(self, staging: Path) -> list[str]:
         self.table.to_csv(staging / "robustness_auc.csv", index=False)
         files = ["robustness_auc.csv"]

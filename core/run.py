@@ -251,7 +251,8 @@ class Study:
     def fit_settings(self) -> FitSettings:
         m = self.spec.model
         return FitSettings(method=m.method, draws=m.draws, seed=self.spec.fit_seed, max_iterations=m.max_iterations,
-                           tolerance=m.tolerance, chains=m.chains, warmup=m.warmup)
+                           tolerance=m.tolerance, stan_tol_rel_obj=m.stan_tol_rel_obj, chains=m.chains,
+                           warmup=m.warmup)
 
     def posterior(self, observer: str, grouping: Grouping) -> Fit:
         """The fit of the parameterisation with the highest ELBO (fitting every listed one once)."""
@@ -379,24 +380,30 @@ class Study:
 
     # ------------------------------------------------------------------ outputs
 
-    def write(self, out_dir: Path) -> Path:
-        """Compute everything and write it to out_dir; nothing appears there unless all of it succeeded."""
-        return write_run(self.spec, out_dir, [self])
-
     def compute(self) -> None:
         self.compute_all()
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table of the run folder's top level this study writes, by name: the metrics' (and the
+        calibration's), the fits' diagnostics, and the models' (with model observers)."""
+        from . import report  # matplotlib is imported only when a run writes figures
+
+        tables = {**self._tables, "fit_diagnostics": self.fit_records()}
+        models = report.model_table(self)
+        if not models.empty:
+            tables["models"] = models
+        return tables
 
     def write_into(self, staging: Path) -> list[str]:
         """Tables, fit diagnostics, posteriors, computed predictions, figures and the report."""
         from . import report  # matplotlib is imported only when a run writes figures
 
         files = []
-        for name, table in self._tables.items():
+        tables = self.tables()
+        for name, table in tables.items():
             table.to_csv(staging / f"{name}.csv", index=False)
             files.append(f"{name}.csv")
-        fit_table = self.fit_records()
-        fit_table.to_csv(staging / "fit_diagnostics.csv", index=False)
-        files.append("fit_diagnostics.csv")
+        fit_table = tables["fit_diagnostics"]
         files += self._write_posteriors(staging)
         files += self._copy_computed_predictions(staging)
         self.progress("drawing figures and the report")
@@ -447,21 +454,19 @@ class Study:
 
 
 def write_run(spec: Spec, out_dir: Path, parts: list) -> Path:
-    """Compute every part (a Study, a robustness study), then write them all into out_dir.
+    """Write every computed part (a Study, a robustness study, the training log) into out_dir.
 
-    Each part has compute(), write_into(staging) -> file names, manifest() -> entries of run.json
-    and optionally timings() -> entries of timings.json. Everything is written to a staging folder
-    beside out_dir and swapped into place only when all of it succeeded (see `_swap_into_place`),
-    so a failed or killed run leaves the previous results, never half-written ones. out_dir is
-    locked from `claim_out_dir` (called here if the command did not already) to the end.
+    Each part has write_into(staging) -> file names, manifest() -> entries of run.json and
+    optionally timings() -> entries of timings.json (pipeline.Pipeline.run has called each part's
+    compute() before). Everything is written to a staging folder beside out_dir and swapped into
+    place only when all of it succeeded (see `_swap_into_place`), so a failed or killed run leaves
+    the previous results, never half-written ones. out_dir is locked from `claim_out_dir` (called
+    here if the caller did not already) to the end.
     The run's clock (`resources.CLOCK`) runs from the claim on out_dir to its release.
     """
     out_dir = Path(out_dir).resolve()
     claim_out_dir(out_dir)
     try:
-        for part in parts:
-            with stage("analyses"):  # a part's own stages (fits, predictions) count as theirs
-                part.compute()
         # mkdir, not mkdtemp: the run folder gets the user's umask (mkdtemp's is owner-only).
         staging = out_dir.parent / f".{out_dir.name}.staging.{os.getpid()}.{secrets.token_hex(4)}"
         staging.mkdir()

@@ -173,7 +173,8 @@ class ModelSection:
     draws: int = 1000
     seed: typing.Optional[int] = None  # default: study.seed
     max_iterations: int = 20000
-    tolerance: float = 1e-4
+    tolerance: float = 1e-4  # the torch ADVI's rule
+    stan_tol_rel_obj: typing.Optional[float] = None  # CmdStan ADVI's own rule; default: Stan's (0.01)
     chains: int = 4
     warmup: int = 1000
     workers: typing.Optional[int] = None  # fits run in parallel processes; default: one per CPU core
@@ -775,39 +776,27 @@ def _check(spec: Spec) -> None:
     if len(levels) < 2:
         fail("give at least two severities: the unperturbed reference first, then the perturbed ones",
              "severities.levels")
+    # Severities grade the perturbation up from the unperturbed reference, and images are perturbed at
+    # the level's number; published arrays and the random-walk prior take them in the listed order, so
+    # a reversed or shuffled list would relabel them.
     seen = {}
     for i, level in enumerate(levels):
-        # Data files may write a severity as a number, so "0.5" and "0.50" are the same level.
-        try:
-            key = float(level)
-        except ValueError:
-            key = level
-        if key in seen:
-            same = "" if levels[seen[key]] == level else f" (as {_show(levels[seen[key]])})"
-            fail(f"severity {_show(level)} is listed twice{same}", f"severities.levels[{i}]")
-        seen[key] = i
+        where = f"severities.levels[{i}]"
         if not level.strip() or len(level) > 64:
-            fail(f"severity {_show(level)} must be a label of 1 to 64 characters", f"severities.levels[{i}]")
-        # Images are perturbed at the level's number: every bundled perturbation needs it finite and >= 0.
-        perturbed = any(o.computed for o in spec.observers) or any(t.per_severity for t in spec.training)
-        if spec.perturbation is not None and perturbed and not (isinstance(key, float) and 0 <= key < math.inf):
-            fail(f"severity {_show(level)} must be a finite number >= 0 to perturb images with it",
-                 f"severities.levels[{i}]")
-    # Severities grade the perturbation up from the unperturbed reference; published arrays and the
-    # random-walk prior take them in the listed order, so a reversed or shuffled list would relabel them.
-    previous = -math.inf
-    for i, level in enumerate(levels):
+            fail(f"severity {_show(level)} must be a label of 1 to 64 characters", where)
         try:
             number = float(level)
         except ValueError:
             number = math.nan
         if not 0 <= number < math.inf:
-            fail(f"severity {_show(level)} is not a number >= 0 (the perturbation's strength)",
-                 f"severities.levels[{i}]")
-        if number <= previous:
+            fail(f"severity {_show(level)} is not a number >= 0 (the perturbation's strength)", where)
+        if number in seen:  # data files may write a severity as a number: "0.5" and "0.50" are one level
+            same = "" if levels[seen[number]] == level else f" (as {_show(levels[seen[number]])})"
+            fail(f"severity {_show(level)} is listed twice{same}", where)
+        if seen and number <= float(levels[i - 1]):
             fail(f"severity {_show(level)} does not exceed the one before it ({_show(levels[i - 1])}); list the "
-                 "severities in increasing order, the unperturbed reference first", f"severities.levels[{i}]")
-        previous = number
+                 "severities in increasing order, the unperturbed reference first", where)
+        seen[number] = i
     if not spec.severities.unit.strip():
         fail("name the unit of the severities (e.g. mm)", "severities.unit")
     analysed = spec.subgroups.analyse
@@ -831,6 +820,8 @@ def _check(spec: Spec) -> None:
              "model.parameterisations")
     if not 0 < model.tolerance < 1:
         fail("must lie between 0 and 1", "model.tolerance")
+    if model.stan_tol_rel_obj is not None and not 0 < model.stan_tol_rel_obj < 1:
+        fail("must lie between 0 and 1", "model.stan_tol_rel_obj")
     for key in ("b", "mu", "gamma", "nu"):
         if not (math.isfinite(getattr(model.priors, key)) and getattr(model.priors, key) > 0):
             fail("a prior standard deviation must be positive", f"model.priors.{key}")

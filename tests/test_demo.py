@@ -32,6 +32,8 @@ SCHEMAS = {
     "calibration.csv": ["observer", "reader", "fitted_at", "strength", "ece_validation_cv", "ece_test_before",
                         "ece_test_after", "n_validation", "n_test"],
     "training.csv": ["training", "model", "severity", "reader", "epoch", "loss"],
+    "models.csv": ["observer", "reader", "cases", "accuracy", "auc", "mean_probability", "prevalence",
+                   "calibrated_mean"],
     "predictions/radiologists.csv": ["reader", "severity", "case", "prediction"],
     "predictions/cnn.csv": ["reader", "severity", "case", "prediction"],
     "predictions/cnn_filtered.csv": ["reader", "severity", "case", "prediction"],

@@ -103,7 +103,20 @@ class EmptyDataset:
         (folder / "cases.csv").write_text("case,label\n")
 
 
+class EchoCommand:
+    name = "echo-words"
+    help = "print the words given"
+
+    def add_arguments(self, parser):
+        parser.add_argument("words", nargs="+")
+
+    def run(self, args):
+        print(" ".join(args.words))
+        return 0
+
+
 EXAMPLES = {
+    "command": EchoCommand(),
     "perturbation": BoxBlur(),
     "model": ConstantModel(),
     "subgroups": HalfSplit(),
@@ -122,7 +135,7 @@ def _hook_for(kind, obj):
 
 def test_every_hook_spec_has_a_one_line_docstring_and_a_kind():
     specs = [name for name in dir(HookSpecs) if name.startswith("perceptcore_")]
-    assert len(specs) == 6
+    assert len(specs) == 7
     for name in specs:
         doc = inspect.getdoc(getattr(HookSpecs, name))
         assert doc, f"{name} has no docstring"
@@ -250,6 +263,55 @@ def test_two_packages_declaring_one_plugin_name_is_an_error_naming_both(tmp_path
     assert info.value.where == "plugins"
     assert "plugin name 'lesion_types' is declared by both" in message
     assert "acme-subgroups 1.2.0 (acme_lesion_types)" in message and "other-subgroups 0.3.1 (other_lesion_types)" in message
+
+
+COMMAND_PLUGIN = '''"""A third-party command."""
+from perceptcore.errors import PerceptcoreError
+from perceptcore.plugins import hookimpl
+
+
+class Shout:
+    name = "{name}"
+    help = "shout a word"
+
+    def add_arguments(self, parser):
+        parser.add_argument("word")
+
+    def run(self, args):
+        if args.word == "bad":
+            raise PerceptcoreError("not a word to shout", "word")
+        print(args.word.upper())
+        return 0
+
+
+@hookimpl
+def perceptcore_register_commands(register):
+    register(Shout())
+'''
+
+
+def test_a_plugin_command_runs_through_the_cli(tmp_path, monkeypatch, capsys):
+    install_fake_distribution(tmp_path, "shouting", "0.2.0", {"shout": "shout_plugin"})
+    (tmp_path / "shout_plugin.py").write_text(COMMAND_PLUGIN.format(name="shout"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["shout", "hello"]) == 0
+    assert capsys.readouterr().out == "HELLO\n"
+    assert main(["shout", "bad"]) == 1
+    assert capsys.readouterr().err == "error: word: not a word to shout\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "shout a word" in capsys.readouterr().out
+    assert main(["plugins"]) == 0
+    assert parse_listing(capsys.readouterr().out)["shout"]["kind"] == "command"
+
+
+def test_a_plugin_command_may_not_take_a_built_in_name(tmp_path, monkeypatch, capsys):
+    install_fake_distribution(tmp_path, "impostor", "0.1.0", {"impostor": "impostor_plugin"})
+    (tmp_path / "impostor_plugin.py").write_text(COMMAND_PLUGIN.format(name="train"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["something-else"]) == 1
+    assert capsys.readouterr().err == ("error: plugin 'impostor' (impostor): command 'train' is built into perceptcore; "
+                                       "rename the plugin's command\n")
 
 
 def test_a_plugin_name_taken_by_the_bundled_plugins_is_an_error(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import matplotlib.text
 import numpy as np
+from scipy import stats
 import pandas as pd
 
 from perceptcore import report
@@ -450,6 +451,13 @@ def test_models_table_shows_each_model_on_the_test_cases(tmp_path):
                          f"{auc(p[positive], p[~positive]):.3g}", f"{p.mean():.3g}", f"{positive.mean():.3g}",
                          f"{study.observers['dnn'].values[r, 0].mean():.3g}"], cells
     assert "fig_reliability" in models and "training.csv" in models
+    # models.csv holds the same numbers; AUC checked against the Mann-Whitney U statistic.
+    table = report.model_table(study)
+    for r, row in table.iterrows():
+        p = study.calibration.before["dnn"][r, 0]
+        u = stats.mannwhitneyu(p[positive], p[~positive]).statistic
+        np.testing.assert_allclose(row.auc, u / (positive.sum() * (~positive).sum()))
+        assert (row.observer, row.reader, row.cases) == ("dnn", f"seed_{r}", len(p))
 
 
 def test_training_curves_are_drawn_when_the_log_is_given(tmp_path):

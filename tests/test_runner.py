@@ -127,7 +127,7 @@ def test_validate_counts_the_work_without_doing_it(tmp_path, capsys):
     (["observers[1].options.depth=3"], ["observers[1].options.depth: unknown key 'depth'"]),
     (["perturbation.name=gaussian"], ["perturbation.name: unknown perturbation 'gaussian'"]),
     (["perturbation.regions=[roi_interior]"], ["perturbation.regions: include entire_image"]),
-    (["severities.levels=[0, mild]"], ["severities.levels[1]: severity 'mild' must be a"]),
+    (["severities.levels=[0, mild]"], ["severities.levels[1]: severity 'mild' is not a number >= 0"]),
 ])
 def test_runner_input_errors(tmp_path, capsys, overrides, fragments):
     spec = write_imaging_study(tmp_path / "study")

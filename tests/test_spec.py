@@ -268,7 +268,7 @@ CASES = {
         ("training[0].model=cho", "training[0].model: unknown model 'cho'"),
         ("training[1].options={input_siz: 64}", "training[1].options.input_siz: unknown key"),
         ("training[0].init=x.pt", "training[0].init: model 'cho_reader' is fitted in closed form"),
-        ("severities.levels=['0', mild]", "severities.levels[1]: severity 'mild' must be a finite number"),
+        ("severities.levels=['0', mild]", "severities.levels[1]: severity 'mild' is not a number >= 0"),
     ],
     # Predictions-only: the backend and metric names were checked before the (absent) data.
     "gmic.yaml": PERCEPTION[1:3] + PERCEPTION[4:],

@@ -635,3 +635,21 @@ def test_nuts_diagnostics_follow_theory():
     walk = np.cumsum(rng.normal(size=4000))
     stuck = stan_backend_module._nuts_diagnostics(_nuts_like(rng), {"energy": walk, "diverging": np.eye(1, 4000)[0]}, 4)
     assert stuck["min_bfmi"] < 0.3 and stuck["divergences"] == 1
+
+
+def test_spec_sets_stan_advi_tolerance_apart_from_the_torch_one(tmp_path):
+    """`model.stan_tol_rel_obj` reaches the fit settings on its own; `model.tolerance` stays the torch rule's."""
+    from synthetic import write_study
+
+    from perceptcore.errors import PerceptcoreError
+    from perceptcore.plugins import load_registry
+    from perceptcore.run import Study
+    from perceptcore.spec import load_spec
+
+    spec_path = write_study(tmp_path / "study")
+    settings = Study(load_spec(spec_path, ["model.stan_tol_rel_obj=0.002"]), load_registry()).fit_settings()
+    assert settings.stan_tol_rel_obj == 0.002 and settings.tolerance == 1e-4
+    assert Study(load_spec(spec_path), load_registry()).fit_settings().stan_tol_rel_obj is None
+    with pytest.raises(PerceptcoreError, match="must lie between 0 and 1") as err:
+        load_spec(spec_path, ["model.stan_tol_rel_obj=1.5"])
+    assert "model.stan_tol_rel_obj" in str(err.value.where)
