@@ -48,8 +48,8 @@ HEIGHT, WIDTH, BITS = 3328, 2560, 12
 VIEWS = (("right", "CC"), ("left", "CC"), ("right", "MLO"), ("left", "MLO"))
 SEVERITIES = ["0", "0.5", "1", "2"]
 SCREEN_SIDE = 1600
-SERVER = ("import sys, uvicorn; from pathlib import Path; from perceptcore_plugins.station.app import create_app; "
-          "uvicorn.run(create_app(Path(sys.argv[1])), host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')")
+SERVER = ("import sys, uvicorn; from pathlib import Path; from perceptcore_plugins.station.app import create_app; from perceptcore_plugins.station.design import load_design; "
+          "uvicorn.run(create_app(load_design(Path(sys.argv[1]))), host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')")
 
 
 # --------------------------------------------------------------------------- the design folder

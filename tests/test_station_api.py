@@ -70,7 +70,7 @@ def bearer(token: str) -> dict:
 def client_for(folder: Path):
     from fastapi.testclient import TestClient
 
-    return TestClient(create_app(folder))
+    return TestClient(create_app(load_design(folder)))
 
 
 def assignment(folder: Path) -> pd.DataFrame:
@@ -687,7 +687,7 @@ def test_a_broken_design_is_an_error_naming_the_file_and_row(design):
     (folder / "gone.csv").rename(folder / "images.csv")
     (folder / "station.sqlite").write_text("not a database")
     with pytest.raises(PerceptcoreError, match=r"station\.sqlite: cannot open the station's database"):
-        create_app(folder)
+        create_app(load_design(folder))
 
 
 def _replace_field(line: str, index: int, value: str) -> str:
@@ -722,7 +722,7 @@ class live_server:
 
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
-        self.server = uvicorn.Server(uvicorn.Config(create_app(folder), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(load_design(folder)), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> int:

@@ -249,6 +249,7 @@ def test_the_demo_design_is_read_through_the_station_exported_and_analysed(tmp_p
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
         from fastapi.testclient import TestClient
     from perceptcore_plugins.station.app import create_app
+    from perceptcore_plugins.station.design import load_design
 
     spec, design = demo_design(tmp_path / "demo", readers=2)
     data = Path(json.loads((design / "design.json").read_text())["manifest"]).parent
@@ -257,7 +258,7 @@ def test_the_demo_design_is_read_through_the_station_exported_and_analysed(tmp_p
     for reader, token in tokens(design).items():
         if reader == "admin":
             continue
-        client = TestClient(create_app(design))
+        client = TestClient(create_app(load_design(design)))
         assert client.get(f"/r/{token}", follow_redirects=False).status_code == 303
         worklist = client.get("/api/worklist").json()
         for item in worklist["exams"]:

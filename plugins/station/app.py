@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from perceptcore.errors import PerceptcoreError
 
-from .design import Design, load_design
+from .design import Design
 from .render import MAX_SIDE, MIN_SIDE, Renderer
 from .store import Incomplete, Locked, Store
 
@@ -109,9 +109,18 @@ def current_admin(request: Request) -> None:
 Reader = Annotated[str, Depends(current_reader)]
 
 
-def create_app(design_dir: Path, renderer: Renderer | None = None) -> FastAPI:
-    """The station for a design folder; a bad design is a PerceptcoreError before anything is served."""
-    design = load_design(Path(design_dir))
+def _sign_in(token: str, valid: bool, cookie: str, target: str, refusal: str):
+    """A personal link: the token becomes a session cookie and the page opens, or a 403 page."""
+    if not valid:
+        return _page(403, refusal)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
+    return response
+
+
+def create_app(design: Design, renderer: Renderer | None = None) -> FastAPI:
+    """The station for a design (`design.load_design(folder)`, which reports a bad one before anything
+    is served)."""
     store = Store(design.folder)
     renderer = renderer or Renderer()
     tokens = _Tokens(design)
@@ -162,19 +171,13 @@ def create_app(design_dir: Path, renderer: Renderer | None = None) -> FastAPI:
 
     @app.get("/r/{token}")
     def reader_link(token: str):
-        if tokens.reader(token) is None:
-            return _page(403, "This reading link is not valid for this study. Ask the study team for yours.")
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(READER_COOKIE, token, httponly=True, samesite="strict", path="/")
-        return response
+        return _sign_in(token, tokens.reader(token) is not None, READER_COOKIE, "/",
+                        "This reading link is not valid for this study. Ask the study team for yours.")
 
     @app.get("/admin/{token}")
     def admin_link(token: str):
-        if not tokens.is_admin(token):
-            return _page(403, "This admin link is not valid for this study.")
-        response = RedirectResponse("/admin", status_code=303)
-        response.set_cookie(ADMIN_COOKIE, token, httponly=True, samesite="strict", path="/")
-        return response
+        return _sign_in(token, tokens.is_admin(token), ADMIN_COOKIE, "/admin",
+                        "This admin link is not valid for this study.")
 
     @app.get("/")
     def index(request: Request):

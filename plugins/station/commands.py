@@ -38,15 +38,15 @@ class Read:
     def run(self, args: argparse.Namespace) -> int:
         from .design import load_design
 
-        design = Path(args.design)
-        admin = load_design(design).admin_token  # a broken design is reported before a bad port
+        loaded = load_design(Path(args.design))  # a broken design is reported before a bad port
+        design, admin = loaded.folder, loaded.admin_token
         if not 0 < args.port < 65536:
             raise PerceptcoreError(f"{args.port} is not a port number (1-65535)", "--port")
         import uvicorn
 
         from .app import create_app
 
-        app = create_app(design)
+        app = create_app(loaded)
         base = _base_url(args.host, args.port)
         reach = ("this machine only; --host 0.0.0.0 serves the network" if args.host in ("127.0.0.1", "localhost", "::1")
                  else f"bound to {args.host}: other machines can reach it")
