@@ -17,6 +17,7 @@ import numpy as np
 
 PARAMETERISATIONS = ("random_walk", "independent")
 METHODS = ("laplace", "advi", "nuts", "pathfinder")
+CASE_EFFECTS = ("by_class", "pooled")  # the case effects' prior: a mean per class, or one N(0, sd)
 
 
 def stan_file() -> Path:
@@ -26,12 +27,14 @@ def stan_file() -> Path:
 
 @attrs.frozen
 class Priors:
-    """Prior standard deviations of the four latent variables (all N(0, sd))."""
+    """Prior standard deviations of the latent variables: N(0, sd), except the case effects mu, whose
+    prior mean is the class offset delta for positive cases (where the model has delta)."""
 
     b: float = 1.0
     mu: float = 1.0
     gamma: float = 1.0
     nu: float = 1.0
+    delta: float = 2.5
 
 
 @attrs.frozen(eq=False)
@@ -50,6 +53,9 @@ class LatentModelData:
     soft: bool  # True: probabilities (soft Bernoulli); False: 0/1 calls
     parameterisation: str = "random_walk"
     priors: Priors = Priors()
+    # (N,) 0/1 class of each case: given, the case effects' prior is N(delta[g], sd) for positive cases
+    # and N(0, sd) for negative ones; None: N(0, sd) for all (the published model).
+    case_positive: np.ndarray | None = None
 
     def __attrs_post_init__(self):
         if self.parameterisation not in PARAMETERISATIONS:
@@ -75,7 +81,8 @@ class LatentModelData:
         keep = local[np.asarray(self.case)] >= 0
         return attrs.evolve(self, n_cases=len(cases), n_groups=1, case_group=np.zeros(len(cases), dtype=int),
                             reader=np.asarray(self.reader)[keep], severity=np.asarray(self.severity)[keep],
-                            case=local[np.asarray(self.case)[keep]], prediction=np.asarray(self.prediction)[keep])
+                            case=local[np.asarray(self.case)[keep]], prediction=np.asarray(self.prediction)[keep],
+                            case_positive=None if self.case_positive is None else np.asarray(self.case_positive)[cases])
 
     def stan_data(self) -> dict:
         """The data block of `latent_model.stan`."""
@@ -97,6 +104,10 @@ class LatentModelData:
             "prior_sd_mu": float(self.priors.mu),
             "prior_sd_gamma": float(self.priors.gamma),
             "prior_sd_nu": float(self.priors.nu),
+            "class_offset": int(self.case_positive is not None),
+            "positive": ([0] * self.n_cases if self.case_positive is None
+                         else np.asarray(self.case_positive).astype(int).tolist()),
+            "prior_sd_delta": float(self.priors.delta),
         }
 
 
@@ -128,7 +139,7 @@ class Fit:
 
     `draws` are joint draws of the posterior (or of its approximation), keyed by
     variable: b (D, G), mu (D, N), gamma (D, S, G) with gamma[:, 0, :] == 0,
-    nu (D, R, G).
+    nu (D, R, G), and delta (D, G) where the model has the class offset.
     """
 
     backend: str
@@ -192,12 +203,12 @@ def inference_data(fit: Fit, data: LatentModelData, coords: dict):
         return values.reshape((chains, per_chain) + values.shape[1:])
 
     dims = {"b": ["subgroup"], "mu": ["case"], "gamma": ["severity", "subgroup"], "nu": ["reader", "subgroup"],
-            "prediction": ["observation"]}
+            "delta": ["subgroup"], "prediction": ["observation"]}
     labels = {k: [str(v) for v in values] for k, values in coords.items()}
     observed = {"prediction": np.asarray(data.prediction, dtype=float)}
     where = {"observation": np.arange(data.n_predictions)}
     idata = az.from_dict(
-        posterior={k: shaped(fit.draws[k]) for k in ("b", "mu", "gamma", "nu")},
+        posterior={k: shaped(fit.draws[k]) for k in ("b", "mu", "gamma", "nu", "delta") if k in fit.draws},
         sample_stats={k: shaped(v) for k, v in fit.sample_stats.items()} or None,
         observed_data=observed,
         coords={**labels, **where},

@@ -246,6 +246,7 @@ class Study:
             n_groups=len(grouping.group_names), case_group=grouping.case_group,
             reader=r, severity=s, case=n, prediction=group.values[r, s, n], soft=group.soft,
             parameterisation=parameterisation, priors=self.spec.model.priors,
+            case_positive=self.cases.positive if self.spec.model.case_effects == "by_class" else None,
         )
 
     def fit_settings(self) -> FitSettings:
@@ -445,6 +446,7 @@ class Study:
         return {**calibration,
             "backend": self.backend.name,
             "method": self.spec.model.method,
+            "case_effects": self.spec.model.case_effects,
             "seed": self.spec.fit_seed,
             "parameterisations": list(self.spec.model.parameterisations),
             # Each fit runs on one torch thread; this many fit at once.

@@ -19,7 +19,7 @@ import yaml
 
 from .calibration import DEFAULT_STRENGTHS
 from .errors import PerceptcoreError
-from .latent_model import METHODS, PARAMETERISATIONS, Priors
+from .latent_model import CASE_EFFECTS, METHODS, PARAMETERISATIONS, Priors
 from .perturbation import REGIONS
 from .reader_study import SCHEMES as READER_STUDY_SCHEMES
 
@@ -179,6 +179,9 @@ class ModelSection:
     warmup: int = 1000
     workers: typing.Optional[int] = None  # fits run in parallel processes; default: one per CPU core
     priors: Priors = Priors()  # the latent model's prior sds are themselves the section
+    # by_class: positive and negative cases' effects are two populations (prior means delta[g] and 0);
+    # pooled: one N(0, sd) for all, the published model (with method advi: the papers' numbers).
+    case_effects: str = "by_class"
 
 
 @attrs.frozen
@@ -822,7 +825,10 @@ def _check(spec: Spec) -> None:
         fail("must lie between 0 and 1", "model.tolerance")
     if model.stan_tol_rel_obj is not None and not 0 < model.stan_tol_rel_obj < 1:
         fail("must lie between 0 and 1", "model.stan_tol_rel_obj")
-    for key in ("b", "mu", "gamma", "nu"):
+    if model.case_effects not in CASE_EFFECTS:
+        fail(f"unknown case_effects {_show(model.case_effects)}{_suggest(model.case_effects, CASE_EFFECTS)}; "
+             f"expected one of {', '.join(CASE_EFFECTS)}", "model.case_effects")
+    for key in ("b", "mu", "gamma", "nu", "delta"):
         if not (math.isfinite(getattr(model.priors, key)) and getattr(model.priors, key) > 0):
             fail("a prior standard deviation must be positive", f"model.priors.{key}")
     if not 0 < spec.analyses.alpha < 1:

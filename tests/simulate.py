@@ -21,6 +21,7 @@ def simulate_study(
     concentration: float = 3.0,
     gamma_scale: float = 0.5,
     group_sizes=None,
+    by_class: bool = False,
 ) -> tuple[LatentModelData, dict]:
     """Draw parameters and predictions from the latent model.
 
@@ -35,6 +36,8 @@ def simulate_study(
     what the soft Bernoulli likelihood fits, so the parameters stay recoverable.
     group_sizes: cases per subgroup (summing to n_cases), e.g. the published subgroups' sizes;
     by default the cases are spread evenly over the subgroups.
+    by_class: about 30 % of the cases are positive and their case effects have mean delta[g] ~ N(2, 0.5)
+    (the `by_class` model, which the data then carry as case_positive); else the pooled model.
     """
     N, R, S, G = n_cases, n_readers, n_severities, n_groups
     if group_sizes is None:
@@ -45,6 +48,11 @@ def simulate_study(
         case_group = rng.permutation(np.repeat(np.arange(G), group_sizes))
     b = rng.normal(size=G)
     mu = rng.normal(size=N)
+    positive = delta = None
+    if by_class:
+        positive = rng.random(N) < 0.3
+        delta = rng.normal(2.0, 0.5, size=G)
+        mu = mu + delta[case_group] * positive
     gamma_free = rng.normal(scale=gamma_scale, size=(S - 1, G))
     nu = rng.normal(size=(R, G))
     levels = np.cumsum(gamma_free, axis=0) if parameterisation == "random_walk" else gamma_free
@@ -79,8 +87,11 @@ def simulate_study(
         soft=soft,
         parameterisation=parameterisation,
         priors=Priors(),
+        case_positive=positive,
     )
     truth = {"b": b, "mu": mu, "gamma_free": gamma_free, "gamma": gamma, "nu": nu}
+    if by_class:
+        truth["delta"] = delta
     return data, truth
 
 
@@ -134,8 +145,10 @@ def simulate_subgroup_study(rng: np.random.Generator, gamma: dict, design: str =
     p = 1.0 / (1.0 + np.exp(-(b[g] + mu[case] + levels[severity, g] + nu[reader, g])))
     soft = design != "radiologists"
     prediction = rng.beta(3.0 * p, 3.0 * (1.0 - p)) if soft else (rng.random(p.shape) < p).astype(float)
+    # The default model (case_effects: by_class): the classes' case effects are two populations.
     split = LatentModelData(n_cases=N, n_readers=R, n_severities=S, n_groups=G, case_group=group, reader=reader,
-                            severity=severity, case=case, prediction=prediction, soft=soft)
+                            severity=severity, case=case, prediction=prediction, soft=soft,
+                            case_positive=positive.astype(float))
     merged_group = np.where(group < len(names), 0, 1)
     merged = attrs.evolve(split, n_groups=2, case_group=merged_group)
     logits = b[group] + mu + levels[:, group][None] + nu[:, group][:, None]  # (R, S, N)

@@ -40,23 +40,30 @@ def small_study(soft: bool, parameterisation: str = "random_walk"):
 
 @pytest.fixture(scope="module")
 def small():
-    return {name: small_study(soft) for name, soft in LIKELIHOODS.items()}
+    studies = {name: small_study(soft) for name, soft in LIKELIHOODS.items()}
+    # The default model: binary calls, the positive cases' effects with a mean of their own.
+    studies["by_class"] = simulate_study(np.random.default_rng(12), 60, 4, 4, 2, False, by_class=True)
+    return studies
 
 
 def random_params(rng, data, scale=1.5) -> dict:
     G, N, S, R = data.n_groups, data.n_cases, data.n_severities, data.n_readers
-    return {
+    params = {
         "b": torch.tensor(rng.normal(scale=scale, size=G)),
         "mu": torch.tensor(rng.normal(scale=scale, size=N)),
         "gamma_free": torch.tensor(rng.normal(scale=scale, size=(S - 1, G))),
         "nu": torch.tensor(rng.normal(scale=scale, size=(R, G))),
     }
+    if data.case_positive is not None:
+        params["delta"] = torch.tensor(rng.normal(scale=scale, size=G))
+    return params
 
 
 def stan_vector(params: dict) -> list:
     """Stan's unconstrained vector: parameters block order, matrices column-major."""
     return np.concatenate(
         [params["b"].numpy(), params["mu"].numpy(), params["gamma_free"].numpy().T.ravel(), params["nu"].numpy().T.ravel()]
+        + ([params["delta"].numpy()] if "delta" in params else [])
     ).tolist()
 
 
@@ -73,7 +80,10 @@ def numpy_log_density(params: dict, data) -> float:
     def normal(x, sd):
         return float(np.sum(-0.5 * (x / sd) ** 2 - math.log(sd) - 0.5 * math.log(2 * math.pi)))
 
-    lp = normal(p["b"], d["prior_sd_b"]) + normal(p["mu"], d["prior_sd_mu"])
+    mean = p["delta"][np.asarray(d["group"]) - 1] * np.asarray(d["positive"]) if d["class_offset"] else 0.0
+    lp = normal(p["b"], d["prior_sd_b"]) + normal(p["mu"] - mean, d["prior_sd_mu"])
+    if d["class_offset"]:
+        lp += normal(p["delta"], d["prior_sd_delta"])
     lp += normal(gf, d["prior_sd_gamma"]) + normal(p["nu"], d["prior_sd_nu"])
     log_inv_logit, log1m_inv_logit = -np.logaddexp(0, -eta), -np.logaddexp(0, eta)
     y = np.asarray(d["z"] if d["soft"] else d["y"], dtype=float)
@@ -103,15 +113,18 @@ def pystan_models(small):
         for parameterisation in PARAMETERISATIONS:
             d = data.with_parameterisation(parameterisation)
             models[name, parameterisation] = (d, stan.build(code, data=d.stan_data(), random_seed=1))
+    d = small["by_class"][0]
+    models["by_class", "random_walk"] = (d, stan.build(code, data=d.stan_data(), random_seed=1))
     return models
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood", list(LIKELIHOODS))
-@pytest.mark.parametrize("parameterisation", PARAMETERISATIONS)
+@pytest.mark.parametrize("likelihood, parameterisation",
+                         [(k, p) for k in LIKELIHOODS for p in PARAMETERISATIONS] + [("by_class", "random_walk")])
 def test_torch_log_density_is_the_stan_programs(pystan_models, likelihood, parameterisation):
     data, model = pystan_models[likelihood, parameterisation]
     assert model.param_names[:4] == ("b", "mu", "gamma_free", "nu")
+    assert ("delta" in model.param_names) == (likelihood == "by_class")
     rng = np.random.default_rng(3)
     for _ in range(4):
         params = random_params(rng, data)
@@ -121,7 +134,7 @@ def test_torch_log_density_is_the_stan_programs(pystan_models, likelihood, param
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood", list(LIKELIHOODS))
+@pytest.mark.parametrize("likelihood", list(LIKELIHOODS) + ["by_class"])
 def test_torch_advi_matches_nuts(pystan_models, likelihood):
     """Mean-field posterior means of gamma within 0.15 of the exact posterior's."""
     data, model = pystan_models[likelihood, "random_walk"]
@@ -136,7 +149,7 @@ def test_torch_advi_matches_nuts(pystan_models, likelihood):
 # ---------------------------------------------------------------- torch backend
 
 
-@pytest.mark.parametrize("likelihood", list(LIKELIHOODS))
+@pytest.mark.parametrize("likelihood", list(LIKELIHOODS) + ["by_class"])
 @pytest.mark.parametrize("parameterisation", PARAMETERISATIONS)
 def test_log_density_matches_a_numpy_transcription(small, likelihood, parameterisation):
     data = small[likelihood][0].with_parameterisation(parameterisation)
@@ -149,11 +162,13 @@ def test_log_density_matches_a_numpy_transcription(small, likelihood, parameteri
     np.testing.assert_allclose(log_density(batch, data).numpy(), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("by_class", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("parameterisation", PARAMETERISATIONS)
-def test_hand_gradient_is_the_autograd_gradient(sparse, parameterisation):
+def test_hand_gradient_is_the_autograd_gradient(sparse, parameterisation, by_class):
     """The fit's hand-written reparameterisation gradient, against autograd of the same estimate."""
-    data, _ = simulate_study(np.random.default_rng(2), 30, 3, 4, 2, True, parameterisation, sparse=sparse)
+    data, _ = simulate_study(np.random.default_rng(2), 30, 3, 4, 2, True, parameterisation, sparse=sparse,
+                             by_class=by_class)
     prob = _advi._Problem(data)
     assert prob.grid == (not sparse)
     rng = np.random.default_rng(0)

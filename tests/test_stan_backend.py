@@ -40,10 +40,12 @@ except ImportError:  # tests/ made a package
 DRAWS = 1000  # so 4000 proposals: the backend's minimum
 
 
-@pytest.fixture(scope="module")
-def study():
-    """40 cases, 3 observers, 4 severities, 2 subgroups (S != R, so a transposed matrix shows)."""
-    data, truth = simulate_study(np.random.default_rng(5), 40, 3, 4, 2, soft=False)
+@pytest.fixture(scope="module", params=["pooled", "by_class"])
+def study(request):
+    """40 cases, 3 observers, 4 severities, 2 subgroups (S != R, so a transposed matrix shows); the
+    published model (pooled case effects) and the default one (a class offset delta per subgroup)."""
+    data, truth = simulate_study(np.random.default_rng(5), 40, 3, 4, 2, soft=False,
+                                 by_class=request.param == "by_class")
     return data, truth
 
 
@@ -55,12 +57,15 @@ def split(theta: np.ndarray, data) -> dict:
     G, N, S, R = data.n_groups, data.n_cases, data.n_severities, data.n_readers
     K = theta.shape[0]
     at = np.cumsum([0, G, N, (S - 1) * G, R * G])
-    return {
+    out = {
         "b": theta[:, at[0] : at[1]],
         "mu": theta[:, at[1] : at[2]],
         "gamma_free": theta[:, at[2] : at[3]].reshape(K, G, S - 1).swapaxes(1, 2),
         "nu": theta[:, at[3] : at[4]].reshape(K, G, R).swapaxes(1, 2),
     }
+    if data.case_positive is not None:
+        out["delta"] = theta[:, at[4] : at[4] + G]
+    return out
 
 
 def levels(gamma_free: np.ndarray, data) -> np.ndarray:
@@ -77,6 +82,7 @@ def stan_header(data) -> list:
         + [f"mu.{i + 1}" for i in range(N)]
         + [f"gamma_free.{i + 1}.{j + 1}" for j in range(G) for i in range(S - 1)]
         + [f"nu.{i + 1}.{j + 1}" for j in range(G) for i in range(R)]
+        + ([f"delta.{i + 1}" for i in range(G)] if data.case_positive is not None else [])
         + [f"gamma.{i + 1}.{j + 1}" for j in range(G) for i in range(S)]
     )
 
@@ -273,12 +279,14 @@ def theta_of(fit, data) -> np.ndarray:
     free = np.diff(d["gamma"], axis=1) if data.parameterisation == "random_walk" else gamma
     K = d["b"].shape[0]
     return np.concatenate(
-        [d["b"], d["mu"], free.transpose(0, 2, 1).reshape(K, -1), d["nu"].transpose(0, 2, 1).reshape(K, -1)], axis=1
+        [d["b"], d["mu"], free.transpose(0, 2, 1).reshape(K, -1), d["nu"].transpose(0, 2, 1).reshape(K, -1)]
+        + ([d["delta"]] if "delta" in d else []), axis=1
     )
 
 
 def theta_hat_of(truth) -> np.ndarray:
-    return np.concatenate([truth["b"], truth["mu"], truth["gamma_free"].T.ravel(), truth["nu"].T.ravel()])
+    return np.concatenate([truth["b"], truth["mu"], truth["gamma_free"].T.ravel(), truth["nu"].T.ravel()]
+                          + ([truth["delta"]] if "delta" in truth else []))
 
 
 # ---------------------------------------------------------------- tests with the stand-in

@@ -53,8 +53,6 @@ class _Problem:
     all of the fit's per-prediction vectors (z, eta, weights) are then in grid order.
     """
 
-    names = ("b", "mu", "gamma_free", "nu")
-
     def __init__(self, data: LatentModelData):
         G, S, R, N = data.n_groups, data.n_severities, data.n_readers, data.n_cases
         self.G, self.S, self.R, self.N = G, S, R, N
@@ -72,8 +70,17 @@ class _Problem:
         self.z_data = z if data.soft else torch.round(z)  # the same 0/1 the Stan data gets
         self.random_walk = data.parameterisation == "random_walk"
         pr = data.priors
-        self.prior_sd = {"b": float(pr.b), "mu": float(pr.mu), "gamma_free": float(pr.gamma), "nu": float(pr.nu)}
-        self.shapes = {"b": (G,), "mu": (N,), "gamma_free": (S - 1, G), "nu": (R, G)}
+        # The class offset (where the model has it) is fitted non-centred: mu here is the case effect's
+        # deviation from its prior mean delta[g] * positive[n], so that every prior stays an independent
+        # N(0, sd), the form this fit's closed-form terms rely on. The shift has Jacobian 1: the same
+        # posterior as the Stan program's centred mu. The draws are returned centred.
+        self.by_class = data.case_positive is not None
+        self.names = ("b", "mu", "gamma_free", "nu") + (("delta",) if self.by_class else ())
+        self.positive = torch.as_tensor(np.asarray(data.case_positive if self.by_class else np.zeros(N),
+                                                   dtype=np.float64))
+        self.prior_sd = {"b": float(pr.b), "mu": float(pr.mu), "gamma_free": float(pr.gamma), "nu": float(pr.nu),
+                         "delta": float(pr.delta)}
+        self.shapes = {"b": (G,), "mu": (N,), "gamma_free": (S - 1, G), "nu": (R, G), "delta": (G,)}
         self.sizes = [math.prod(self.shapes[k]) for k in self.names]
         self.P = sum(self.sizes)
         prior_sd = torch.cat([torch.full((n,), self.prior_sd[k], dtype=_DTYPE) for n, k in zip(self.sizes, self.names)])
@@ -89,8 +96,15 @@ class _Problem:
         parts = torch.split(flat, self.sizes, dim=-1)
         return {k: p.reshape(*lead, *self.shapes[k]) for k, p in zip(self.names, parts)}
 
+    def case_effects(self, p: dict) -> torch.Tensor:
+        """The centred case effects mu[n] (+ delta[g] for a positive case) of split parameters p."""
+        if not self.by_class:
+            return p["mu"]
+        return p["mu"] + p["delta"].index_select(-1, self.group) * self.positive
+
     def to_eta(self, flat: torch.Tensor) -> torch.Tensor:
         p = self.split(flat)
+        p["mu"] = self.case_effects(p)
         table = p["b"][None, :] + _gamma_levels(p["gamma_free"], self.random_walk)  # (S, G)
         if self.grid:
             case_part = p["mu"] + table.index_select(1, self.group)  # (S, N)
@@ -116,7 +130,10 @@ class _Problem:
             g_nu = torch.bincount(self.rg_pos, weights=w, minlength=R * G)
         g_levels = g_table[1:]
         g_free = g_levels.flip(0).cumsum(0).flip(0) if self.random_walk else g_levels
-        return torch.cat([g_table.sum(0), g_mu, g_free.flatten(), g_nu])
+        parts = [g_table.sum(0), g_mu, g_free.flatten(), g_nu]
+        if self.by_class:
+            parts.append(torch.zeros(G, dtype=_DTYPE).index_add_(0, self.group, g_mu * self.positive))
+        return torch.cat(parts)
 
     def ridge_step(self, mean: torch.Tensor) -> None:
         """Move the means, in place, to the ELBO maximum along the model's ridges.
@@ -216,12 +233,15 @@ def log_density(params: dict, data: LatentModelData) -> torch.Tensor:
     Differentiable; the fit itself uses hand-written gradients of the same model.
     """
     t = _problem(data)
-    b, mu, gamma_free, nu = (params[k] for k in t.names)
+    b, mu, gamma_free, nu = (params[k] for k in ("b", "mu", "gamma_free", "nu"))
     gamma = _gamma_levels(gamma_free, t.random_walk)
     eta = b[..., t.obs_group] + mu[..., t.case] + gamma.flatten(-2)[..., t.sg_pos] + nu.flatten(-2)[..., t.rg_pos]
     lp = 0.0
-    for name, x in zip(t.names, (b, mu, gamma_free, nu)):
-        sd = t.prior_sd[name]
+    # Stan's centred mu: its deviation from the prior mean is what has the N(0, sd) prior.
+    centred = {"b": b, "mu": mu - t.case_effects({**params, "mu": torch.zeros_like(mu)}) if t.by_class else mu,
+               "gamma_free": gamma_free, "nu": nu, "delta": params.get("delta")}
+    for name in t.names:
+        x, sd = centred[name], t.prior_sd[name]
         event_dims = tuple(range(-len(t.shapes[name]), 0))
         lp = lp + (-0.5 * (x / sd) ** 2 - math.log(sd) - _HALF_LOG_2PI).sum(event_dims)
     # z*log_inv_logit(eta) + (1-z)*log1m_inv_logit(eta) == z*eta - softplus(eta);
@@ -323,9 +343,10 @@ def fit_advi(data: LatentModelData, settings: FitSettings, progress: Callable[[s
     parts = prob.split(draws_flat)
     draws = {
         "b": parts["b"].numpy(),
-        "mu": parts["mu"].numpy(),
+        "mu": prob.case_effects(parts).numpy(),
         "gamma": _gamma_levels(parts["gamma_free"], prob.random_walk).numpy(),
         "nu": parts["nu"].numpy(),
+        **({"delta": parts["delta"].numpy()} if prob.by_class else {}),
     }
     note = (
         f"Adam (step {_LR}) ran until the mean ELBO estimate of consecutive {_WINDOW}-iteration windows "

@@ -70,7 +70,10 @@ class Block:
         as_index = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
         self.case = as_index(data.case)
         s, r = as_index(data.severity), as_index(data.reader)
-        self.P = S + R
+        # The class offset delta (the case effects' prior mean is delta for a positive case, 0 for a
+        # negative one) is the last entry of psi when the model has it.
+        self.by_class = data.case_positive is not None
+        self.P = S + R + int(self.by_class)
         # Positions of each prediction's gamma level and nu in psi (b is at 0); the reference severity
         # points at an extra zero appended to psi.
         self.gamma_pos = torch.where(s > 0, s, torch.full_like(s, self.P))
@@ -80,10 +83,12 @@ class Block:
         self.random_walk = data.parameterisation == "random_walk"
         pr = data.priors
         self.sd_mu = float(pr.mu)
-        self.Q = self._prior_precision(float(pr.b), float(pr.gamma), float(pr.nu))
-        # log normalising constants of the priors of b, gamma_free and nu (mu's is in each case integral).
-        self.prior_const = -(math.log(pr.b) + (S - 1) * math.log(pr.gamma) + R * math.log(pr.nu)) \
-            - self.P * _HALF_LOG_2PI
+        self.positive = torch.as_tensor(np.asarray(data.case_positive if self.by_class else np.zeros(self.N),
+                                                   dtype=np.float64))
+        self.Q = self._prior_precision(float(pr.b), float(pr.gamma), float(pr.nu), float(pr.delta))
+        # log normalising constants of the priors of b, gamma_free, nu and delta (mu's is in each case integral).
+        self.prior_const = -(math.log(pr.b) + (S - 1) * math.log(pr.gamma) + R * math.log(pr.nu)
+                             + self.by_class * math.log(pr.delta)) - self.P * _HALF_LOG_2PI
         # b + gamma[s] + nu[r] takes one value per (reader, severity) cell: cell_part gives them all.
         cells = torch.arange(R * S)
         self.cell_gamma_pos = torch.where(cells % S > 0, cells % S, torch.full_like(cells, self.P))
@@ -109,7 +114,7 @@ class Block:
             self.row_cell = torch.full((self.N * width,), R * S).index_put_((flat,), cell[order]).reshape(self.N, width)
             self.width = width
 
-    def _prior_precision(self, sd_b: float, sd_gamma: float, sd_nu: float) -> torch.Tensor:
+    def _prior_precision(self, sd_b: float, sd_gamma: float, sd_nu: float, sd_delta: float) -> torch.Tensor:
         S = self.S
         Q = torch.zeros((self.P, self.P), dtype=_DTYPE)
         Q[0, 0] = 1.0 / sd_b**2
@@ -120,7 +125,9 @@ class Block:
             Q[1:S, 1:S] = D.T @ D / sd_gamma**2
         else:
             Q[1:S, 1:S] = torch.eye(levels, dtype=_DTYPE) / sd_gamma**2
-        Q[S:, S:] = torch.eye(self.R, dtype=_DTYPE) / sd_nu**2
+        Q[S:S + self.R, S:S + self.R] = torch.eye(self.R, dtype=_DTYPE) / sd_nu**2
+        if self.by_class:
+            Q[-1, -1] = 1.0 / sd_delta**2
         return Q
 
     # --------------------------------------------------------------- pieces of the density
@@ -147,8 +154,14 @@ class Block:
     def log_prior_psi(self, psi: torch.Tensor) -> torch.Tensor:
         return self.prior_const - 0.5 * ((psi @ self.Q) * psi).sum(-1)
 
-    def _mu_prior(self, mu: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (mu / self.sd_mu) ** 2 - math.log(self.sd_mu) - _HALF_LOG_2PI
+    def prior_mean(self, psi: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        """The case effects' prior means, (B, n) for psi (B, P): delta for positive cases, else 0."""
+        if not self.by_class:
+            return torch.zeros((1, 1), dtype=_DTYPE)
+        return psi[..., -1:] * self.positive[sl]
+
+    def _mu_prior(self, mu: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        return -0.5 * ((mu - mean) / self.sd_mu) ** 2 - math.log(self.sd_mu) - _HALF_LOG_2PI
 
     def softplus_sums(self, psi: torch.Tensor, lo: torch.Tensor = None, hi: torch.Tensor = None):
         """F_n(mu) = sum over case n's predictions of softplus(mu + b + gamma[s] + nu[r]), for each psi
@@ -166,11 +179,11 @@ class Block:
             sums = self.softplus_sums(psi, *_range(mu.detach()))
         chunks = _chunks(self.N, mu[..., :1].numel() * sums.cost)
         if len(chunks) == 1:
-            return self._density(mu, sums, chunks[0])
-        return torch.cat([self._density(mu[..., sl], sums, sl) for sl in chunks], dim=-1)
+            return self._density(mu, sums, chunks[0], psi)
+        return torch.cat([self._density(mu[..., sl], sums, sl, psi) for sl in chunks], dim=-1)
 
-    def _density(self, mu: torch.Tensor, sums, sl: slice) -> torch.Tensor:
-        return mu * self.z_case[sl] - sums.value(mu, sl) + self._mu_prior(mu)
+    def _density(self, mu: torch.Tensor, sums, sl: slice, psi: torch.Tensor) -> torch.Tensor:
+        return mu * self.z_case[sl] - sums.value(mu, sl) + self._mu_prior(mu, self.prior_mean(psi, sl))
 
     def offset(self, psi: torch.Tensor) -> torch.Tensor:
         """What case_log_density leaves out, summed over cases."""
@@ -181,12 +194,13 @@ class Block:
         concave), and the second derivative there. mu: (B, N) starting points."""
         c = self.cell_part(psi)
         rows = None if self.dense else _RowSums(c, self.row_cell)
+        mean = self.prior_mean(psi)
         for _ in range(steps + 1):
             sums = _SoftplusSum(c, *_range(mu), with_value=False) if self.dense else rows
             d1_sum, d2_sum = torch.empty_like(mu), torch.empty_like(mu)
             for sl in _chunks(self.N, len(mu) * sums.cost):
                 d1_sum[..., sl], d2_sum[..., sl] = sums.derivatives(mu[..., sl], sl)
-            d1 = self.z_case - d1_sum - mu / self.sd_mu**2
+            d1 = self.z_case - d1_sum - (mu - mean) / self.sd_mu**2
             d2 = -d2_sum - 1.0 / self.sd_mu**2
             step = (d1 / -d2).clamp_(-4.0, 4.0)
             if step.abs().max().item() < tol:
@@ -221,7 +235,7 @@ class Block:
             total = total.detach()
         for sl in _chunks(self.N, QUADRATURE_NODES * len(psi) * sums.cost):
             nodes = centre[..., sl] + scale[..., sl] * x  # (K, B, n)
-            f = self._density(nodes, sums, sl) + 0.5 * x**2 + log_w
+            f = self._density(nodes, sums, sl, psi) + 0.5 * x**2 + log_w
             part = (torch.logsumexp(f, dim=0) + torch.log(scale[..., sl])).sum(-1)
             if backward:
                 part.sum().backward(retain_graph=True)
@@ -248,6 +262,9 @@ class Block:
             cross.index_add_(0, a * N + self.case, w)
         C = cross.reshape(P + 1, N)[:P]
         d = self.per_case(w) + 1.0 / self.sd_mu**2
+        if self.by_class:  # the prior's 0.5 (mu - delta * positive)^2 / sd^2 couples delta with mu
+            H[-1, -1] += self.positive.sum() / self.sd_mu**2
+            C[-1] -= self.positive / self.sd_mu**2
         return H, C, d
 
     def schur(self, psi: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -493,6 +510,8 @@ def fit(data, draws: int, max_proposals: int, seed: int, progress) -> dict:
     S, R, G = data.n_severities, data.n_readers, data.n_groups
     out = {"b": np.zeros((draws, G)), "mu": np.zeros((draws, data.n_cases)), "gamma": np.zeros((draws, S, G)),
            "nu": np.zeros((draws, R, G))}
+    if data.case_positive is not None:
+        out["delta"] = np.zeros((draws, G))
     blocks = []
     for g in range(G):
         cases = np.flatnonzero(np.asarray(data.case_group) == g)
@@ -515,7 +534,9 @@ def fit(data, draws: int, max_proposals: int, seed: int, progress) -> dict:
         psi = result["psi"].numpy()
         out["b"][:, g] = psi[:, 0]
         out["gamma"][:, 1:, g] = psi[:, 1:S]
-        out["nu"][:, :, g] = psi[:, S:]
+        out["nu"][:, :, g] = psi[:, S:S + R]
+        if block.by_class:
+            out["delta"][:, g] = psi[:, -1]
         blocks.append({"group": g, "cases": block.N, **{k: v for k, v in result.items() if k not in ("psi", "mu")}})
     # The blocks are independent, so log p(y) is the sum of theirs.
     return {"draws": out, "blocks": blocks, "log_evidence": float(sum(b["log_evidence"] for b in blocks))}

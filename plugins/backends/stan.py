@@ -24,7 +24,7 @@ from perceptcore.latent_model import Fit, FitSettings, LatentModelData, stan_fil
 from perceptcore.resources import available_cores
 
 _INSTALL_HINT = "install it with `python -m cmdstanpy.install_cmdstan` (needs a C++ toolchain and internet access)"
-_PARAMETERS = ("b", "mu", "gamma_free", "nu")  # the parameters block: all unconstrained
+_PARAMETERS = ("b", "mu", "gamma_free", "nu", "delta")  # the parameters block: all unconstrained
 # Laplace and Pathfinder: importance sampling in ~1,500 dimensions needs many proposals for the weights to
 # cover the posterior, and the Pareto k-hat of the weights is only a reliable diagnostic with a few thousand.
 _MIN_PROPOSALS = 4000
@@ -177,12 +177,14 @@ def _draws(fit, data: LatentModelData, **kwargs) -> dict:
     The reshape restores size-1 dimensions cmdstanpy may squeeze.
     A point estimate (CmdStanMLE) comes back as one draw.
     """
-    out = {k: np.asarray(fit.stan_variable(k, **kwargs), dtype=float) for k in ("b", "mu", "gamma", "nu")}
+    names = ("b", "mu", "gamma", "nu") + (("delta",) if data.case_positive is not None else ())
+    out = {k: np.asarray(fit.stan_variable(k, **kwargs), dtype=float) for k in names}
     shapes = {
         "b": (data.n_groups,),
         "mu": (data.n_cases,),
         "gamma": (data.n_severities, data.n_groups),
         "nu": (data.n_readers, data.n_groups),
+        "delta": (data.n_groups,),
     }
     return {k: v.reshape((-1,) + shapes[k]) for k, v in out.items()}
 
@@ -229,8 +231,9 @@ def _psis_resample(log_w: np.ndarray, draws: int, seed: int, method: str) -> dic
         raise PerceptcoreError(f"CmdStan's {method} draws: the log density failed at every proposal", "backend stan")
     smoothed = np.full_like(log_w, -np.inf)
     smoothed[finite], khat = az.psislw(log_w[finite].copy(), reff=1.0)
-    # Equal weights (the proposal is the target) leave arviz no tail to fit, and it says inf.
-    khat = 0.0 if np.ptp(log_w[finite]) == 0.0 else float(khat)
+    # Equal weights (the proposal is the target) leave arviz no tail to fit, and it says inf; weights
+    # equal to a millionth (CmdStan's CSV keeps 9 digits of log_p__ and log_q__) are equal for any use.
+    khat = 0.0 if np.ptp(log_w[finite]) < 1e-6 else float(khat)
     weights = np.exp(smoothed - np.max(smoothed[finite]))
     weights /= weights.sum()
     # Systematic resampling keeps the weighted empirical distribution with the least added noise;
@@ -258,7 +261,8 @@ class _Curvature:
 
     def __init__(self, data: LatentModelData, at: dict):
         G, S, R, N = data.n_groups, data.n_severities, data.n_readers, data.n_cases
-        self.G, self.P, self.N = G, G + (S - 1) * G + R * G, N
+        self.by_class = data.case_positive is not None
+        self.G, self.P, self.N = G, G + (S - 1) * G + R * G + G * self.by_class, N
         case = np.asarray(data.case, dtype=np.int64)
         severity = np.asarray(data.severity, dtype=np.int64)
         g = np.asarray(data.case_group, dtype=np.int64)[case]
@@ -285,8 +289,15 @@ class _Curvature:
         for k in range(G):
             at_levels = G + np.arange(levels) * G + k
             A[np.ix_(at_levels, at_levels)] += block
-        nu = np.arange(G + levels * G, self.P)
+        nu = np.arange(G + levels * G, G + levels * G + R * G)
         A[nu, nu] += 1.0 / data.priors.nu**2
+        if self.by_class:  # delta[g], last: the prior 0.5 (mu[n] - delta[g] positive[n])^2 / sd^2 couples them
+            positive = np.asarray(data.case_positive, dtype=float)
+            group = np.asarray(data.case_group, dtype=np.int64)
+            delta = self.P - G + np.arange(G)
+            A[delta, delta] += np.bincount(group, weights=positive, minlength=G) / data.priors.mu**2 \
+                + 1.0 / data.priors.delta**2
+            self.C[self.P - G + group, np.arange(N)] -= positive / data.priors.mu**2
         self.A = A
 
     @property
@@ -302,7 +313,8 @@ class _Curvature:
         """(x - at)' H (x - at) for each draw x, with H the negative Hessian: (D,) values."""
         def psi(v):
             n = v["b"].shape[0]
-            return np.concatenate([v["b"], v["gamma"][:, 1:, :].reshape(n, -1), v["nu"].reshape(n, -1)], axis=1)
+            return np.concatenate([v["b"], v["gamma"][:, 1:, :].reshape(n, -1), v["nu"].reshape(n, -1)]
+                                  + ([v["delta"]] if self.by_class else []), axis=1)
 
         x = psi(draws) - psi({k: v[None] for k, v in at.items()})
         m = draws["mu"] - at["mu"]
