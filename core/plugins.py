@@ -51,6 +51,10 @@ class HookSpecs:
     def perceptcore_register_commands(self, register):
         """Register CLI commands: objects with `name`, `help`, `add_arguments(parser)` and `run(args) -> int`."""
 
+    @hookspec
+    def perceptcore_register_executors(self, register):
+        """Register executors: objects with `name`, `Options` and `start(options, workers, threads, where)` (see `executor.Executor`)."""
+
 
 # What the core needs of each kind, beyond a `name`; checked at registration.
 KINDS = {
@@ -61,6 +65,7 @@ KINDS = {
     "backend": ("perceptcore_register_backends", ("methods", "priority", "unavailable_reason", "fit")),
     "dataset": ("perceptcore_register_datasets", ("Options", "generate")),
     "command": ("perceptcore_register_commands", ("help", "add_arguments", "run")),
+    "executor": ("perceptcore_register_executors", ("Options", "start")),
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _COMMAND_NAME = re.compile(r"^[a-z][a-z0-9-]*$")  # typed on a command line: read-status, not read_status

@@ -13,7 +13,8 @@ a hash of everything it depends on (model and perturbation code, checkpoint cont
 the images' contents, ROIs, severities, seed), so a rerun — after an interruption or of the same
 spec — skips it. A unit always holds the same cases, so resumed and uninterrupted runs
 compute every prediction identically. Units run in `runner.workers` processes, within the run's
-thread budget (core/resources.py).
+thread budget (core/resources.py), or as tasks of another executor (`runner.executor`, core/executor.py:
+a Dask cluster), whose workers return each unit's cache file for this process to write.
 
 Images without an ROI have an empty ROI: perturbing the interior leaves them unchanged,
 perturbing the exterior perturbs all of them.
@@ -36,7 +37,9 @@ import pandas as pd
 from . import __version__
 from . import images as image_io
 from .data import write_csv
+from .devices import Placement
 from .errors import PerceptcoreError
+from .executor import executor_of, missing_files, session as executor_session
 from .perturbation import ImageBatch, restrict
 from .plugins import Registry
 from .resources import StageProgress, budget, exit_with_parent, set_threads, stage, worker_pool  # noqa: F401 (exit_with_parent: old home)
@@ -119,6 +122,7 @@ class _Unit:
     cases: tuple
     seed: int
     threads: int
+    placement: Placement = Placement()  # the device to perturb and predict on, and mixed precision
 
 
 class ImageWork:
@@ -140,6 +144,7 @@ class ImageWork:
         self.digests = FileDigests(self.cache)
         # Threads x processes within the cores: see core/resources.py.
         self.workers, self.threads = budget(spec.runner.workers)
+        self.placement = Placement.of(spec.runner, "runner")  # resolved once: `auto` is the same in every unit
         self.by_case = {case: tuple(self.manifest.for_case(case)) for case in self.manifest.cases}
         self.chunks = self.chunked(list(self.by_case))
         # Contents, not paths: the file's name stays because it seeds the perturbation's draws.
@@ -167,6 +172,8 @@ class ImageWork:
                 raise PerceptcoreError("checkpoint file names must differ: each names a reader",
                                        f"observers[{i}].checkpoints")
             self.models.append((observer, model, options, checkpoints))
+        # The executor (runner.executor), checked now, before any work; `run` starts it.
+        self.executor = executor_of(spec, registry)
 
     def perturbation(self, name: str, options: dict, where: str):
         """A registered perturbation and its checked options."""
@@ -204,14 +211,16 @@ class ImageWork:
             c.options, recurse=True), c.severity, c.seed_key] for c in mine]
         for chunk in chunks:
             # The plugins' code is in the key: an edited model or perturbation must not reuse old results.
-            key = stable_hash([__version__, core_digest(), plugin_version(self.registry, "model", model.name), model.name,
-                               options_key(options), checkpoint.digest, described, regions,
-                               self.spec.study.seed, chunk, [self.image_keys[c] for c in chunk]])
+            parts = [__version__, core_digest(), plugin_version(self.registry, "model", model.name), model.name,
+                     options_key(options), checkpoint.digest, described, regions,
+                     self.spec.study.seed, chunk, [self.image_keys[c] for c in chunk]]
+            placed = self.placement.key()  # None on the CPU in float32: the keys caches had before devices
+            key = stable_hash(parts if placed is None else parts + [placed])
             units.append(_Unit(
                 key=key, path=self.cache / observer.name / folder / f"{key}.npz", model=model, options=options,
                 checkpoint=checkpoint.path, reader=checkpoint.reader, conditions=mine, regions=regions,
                 records=tuple(r for c in chunk for r in self.by_case[c]), cases=tuple(chunk),
-                seed=self.spec.study.seed, threads=self.threads))
+                seed=self.spec.study.seed, threads=self.threads, placement=self.placement))
         return units
 
     def run(self, units: list, progress: Callable[[str], None], what: str = "predicting") -> None:
@@ -223,14 +232,37 @@ class ImageWork:
         progress(f"{what}: {len(units)} work units, {done} already in the cache ({self.cache})")
         workers = min(self.workers, max(len(todo), 1))
         with stage("predictions"), StageProgress(progress, what, len(todo)) as shown:
-            if workers > 1:
-                with worker_pool(workers, self.threads) as pool:
-                    for _ in pool.map(compute_unit, todo):
+            if not todo:  # nothing to start an executor (a cluster) for
+                return
+            with executor_session(*self.executor, workers, self.threads) as session:
+                if session.local:  # the tasks see this machine's cache: each unit writes its own file
+                    for _ in session.map(compute_unit, todo):
                         shown.done()
-            else:
-                for unit in todo:
-                    compute_unit(unit)
+                    return
+                # Workers may not reach the cache: they return each unit's file, written here (core/executor.py).
+                remote = [attrs.evolve(unit, threads=session.threads) for unit in todo]
+                for index, contents in session.map(unit_remotely, remote):
+                    _write_atomically(todo[index].path, todo[index].key, contents)
                     shown.done()
+
+
+def unit_remotely(unit: _Unit) -> bytes:
+    """A work unit computed where the cache may be out of reach: its cache file's bytes, for the client
+    to write. Its inputs are checked first, so a worker without them names the file it lacks."""
+    import tempfile
+
+    missing_files([unit.checkpoint] + [p for r in unit.records for p in (r.file, r.roi_mask)])
+    with tempfile.TemporaryDirectory(prefix="perceptcore-unit-") as folder:
+        here = attrs.evolve(unit, path=Path(folder) / unit.path.name)
+        compute_unit(here)
+        return here.path.read_bytes()
+
+
+def _write_atomically(path: Path, key: str, contents: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{key}.{os.getpid()}.partial")  # as compute_unit: swept when its writer is gone
+    partial.write_bytes(contents)
+    partial.replace(path)
 
 
 def sweep_partials(folder: Path) -> None:
@@ -349,10 +381,11 @@ def compute_unit(unit: _Unit) -> None:
 
     if torch.get_num_threads() != unit.threads:
         set_threads(unit.threads)
-    model_key = (unit.model.name, str(unit.checkpoint), repr(unit.options))
+    device = unit.placement.device
+    model_key = (unit.model.name, str(unit.checkpoint), repr(unit.options), device)
     if model_key not in _LOADED:
         _LOADED.clear()  # one checkpoint at a time per process is enough and bounds memory
-        _LOADED[model_key] = unit.model.load(unit.checkpoint, unit.options, "cpu")
+        _LOADED[model_key] = unit.model.load(unit.checkpoint, unit.options, device)
     loaded = _LOADED[model_key]
     views = []
     for record in unit.records:
@@ -360,7 +393,8 @@ def compute_unit(unit: _Unit) -> None:
         # No ROI: an empty one, so the interior is never perturbed and the exterior is the whole image.
         inside = (torch.from_numpy(image_io.roi(record, image)) if record.has_roi
                   else torch.zeros(image.pixels.shape, dtype=torch.bool))
-        views.append((record, torch.from_numpy(image.pixels.astype(np.float32)), image, inside))
+        # On the unit's device, so perturbing, compositing and predicting all run there (a no-op on the CPU).
+        views.append((record, torch.from_numpy(image.pixels.astype(np.float32)).to(device), image, inside.to(device)))
     predictions = np.empty((len(unit.conditions), len(unit.regions), len(unit.cases)))
     for c, condition in enumerate(unit.conditions):
         perturbed = []
@@ -377,7 +411,7 @@ def compute_unit(unit: _Unit) -> None:
                     ViewImage(record.view, record.laterality, restrict(pixels, whole, region, inside),
                               image.pixel_spacing_mm, float(image.max_value))
                     for record, pixels, image, inside, whole in mine)))
-            with torch.no_grad():
+            with torch.no_grad(), unit.placement.autocast():
                 values = np.asarray(unit.model.predict(loaded, cases), dtype=float).reshape(-1)
             if values.shape != (len(cases),) or not np.all((values >= 0) & (values <= 1)):
                 raise PerceptcoreError(f"model {unit.model.name!r} returned {values.shape[0]} values for {len(cases)} "

@@ -18,6 +18,7 @@ import attrs
 import yaml
 
 from .calibration import DEFAULT_STRENGTHS
+from .devices import check_spec as check_devices
 from .errors import PerceptcoreError
 from .latent_model import CASE_EFFECTS, METHODS, PARAMETERISATIONS, Priors
 from .perturbation import REGIONS
@@ -121,6 +122,8 @@ class TrainingSection:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     init: typing.Optional[str] = None  # a checkpoint to fine-tune instead of training from scratch
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
+    mixed_precision: bool = False  # autocast forward and backward passes (where the model allows it)
 
 
 @attrs.frozen
@@ -132,10 +135,21 @@ class DatasetSection:
 
 
 @attrs.frozen
+class ExecutorSection:
+    """Where the work units and training jobs run: an executor plugin and its options."""
+
+    name: str = "local"  # `local`: processes on this machine; `dask`: a Dask cluster
+    options: dict = attrs.field(factory=dict)  # the executor plugin's options (dask: {address: tcp://...})
+
+
+@attrs.frozen
 class RunnerSection:
     batch_size: int = 8  # cases per work unit
     workers: int = 1  # processes computing predictions in parallel
     cache: str = ".perceptcore-cache"  # relative to the spec's folder; finished work units are kept here
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto: where models predict and images are perturbed
+    mixed_precision: bool = False  # autocast the model's forward pass (where the model allows it)
+    executor: ExecutorSection = ExecutorSection()
 
 
 @attrs.frozen
@@ -972,6 +986,9 @@ def check_plugins(spec: Spec, registry) -> None:
 
         trains_by_gradient(model, training, where)
         structure(model.Options, training.options, f"{where}.options")
+    check_devices(spec, lambda name, where: plugin("model", name, where))  # this machine has the devices asked for
+    executor = plugin("executor", spec.runner.executor.name, "runner.executor.name")
+    structure(executor.Options, spec.runner.executor.options, "runner.executor.options")
     metrics = [plugin("metric", name, f"analyses.metrics[{i}]") for i, name in enumerate(spec.analyses.metrics)]
     if spec.model.backend != "auto":
         plugin("backend", spec.model.backend, "model.backend")

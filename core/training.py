@@ -18,7 +18,9 @@ Gradient training runs Adam over shuffled mini-batches for `epochs` epochs. Afte
 epoch the network, the optimiser and the losses are saved, so an interrupted training
 resumes at the last finished epoch; each epoch's shuffling and the plugin's random draws are
 seeded by (study seed, reader seed, epoch) alone, so a resumed training ends with exactly the
-weights of an uninterrupted one. Finished models are cached under a hash of everything they
+weights of an uninterrupted one. With a remote executor (`runner.executor: dask`) each model is a
+task that trains from its start on images it perturbs itself, and returns the checkpoint for this
+process to cache (docs/scale-out.md). Finished models are cached under a hash of everything they
 depend on; a model trained on images at severity 0 (unperturbed) is the same model as one
 trained without a perturbation, and is trained once.
 """
@@ -38,9 +40,11 @@ import pandas as pd
 from . import __version__
 from . import images as image_io
 from .data import load_cases
+from .devices import Placement, check_mixed_precision
 from .errors import PerceptcoreError
+from .executor import executor_of, missing_files, session as executor_session
 from .plugins import Registry
-from .resources import StageProgress, available_cores, set_threads, stage
+from .resources import StageProgress, available_cores, budget, set_threads, stage
 from .runner import (CaseImages, FileDigests, ViewImage, core_digest, options_key, perturb_image, plugin_version,
                      seed_of, severity_value, stable_hash)
 from .spec import Spec, TrainingSection, structure, structure_options
@@ -94,6 +98,9 @@ class Training:
         section = self.section
         self.model = registry.get("model", section.model, f"{where}.model")
         self.gradient = trains_by_gradient(self.model, section, where)
+        self.placement = Placement.of(section, where)
+        if section.mixed_precision:
+            check_mixed_precision(self.model, f"{where}.mixed_precision", f"training {section.name!r}")
         self.options = structure_options(self.model.Options, section.options, f"{where}.options", spec)
         self.digests = FileDigests(Path(spec.base) / spec.runner.cache)
         self.manifest = image_io.load_manifest(spec.path(section.images.manifest), f"{where}.images.manifest",
@@ -139,8 +146,12 @@ class Training:
         for level, severity in levels:
             for seed in range(section.seeds):
                 # Severity 0 is unperturbed by contract, so it shares the unperturbed model.
-                key = stable_hash(common + [perturbation if severity != 0 else None, severity, seed])
+                parts = common + [perturbation if severity != 0 else None, severity, seed]
+                placed = self.placement.key()  # None on the CPU in float32: the keys caches had before devices
+                key = stable_hash(parts if placed is None else parts + [placed])
                 self.jobs.append(Job(level, severity, seed, key, folder / f"{key}.pt"))
+        # The executor (runner.executor), checked now, before any work: it runs the jobs when not local.
+        self.executor = executor_of(spec, registry)
 
     @property
     def name(self) -> str:
@@ -152,31 +163,54 @@ class Training:
         todo = [job for job in self.jobs if not job.path.exists()]
         progress(f"training {self.name}: {len(self.jobs)} models ({self.model.name}), "
                  f"{len(self.jobs) - len(todo)} already trained")
-        set_threads(available_cores())  # one process: every core of the run's budget (core/resources.py)
         # The units of the time-left estimate: epochs of gradient training, whole models fitted in closed form.
-        units = len(todo) * (self.section.epochs if self.gradient else 1)
-        level, cases = object(), []
-        with stage("training"), StageProgress(progress, f"training {self.name}", units) as shown:
-            for n, job in enumerate(todo, start=1):
-                label = f"{self.name} {n}/{len(todo)} ({self._severity_text(job)}, {job.reader})"
+        per_job = self.section.epochs if self.gradient else 1
+        labels = [f"{self.name} {n}/{len(todo)} ({self._severity_text(job)}, {job.reader})"
+                  for n, job in enumerate(todo, start=1)]
+        with stage("training"), StageProgress(progress, f"training {self.name}", len(todo) * per_job) as shown:
+            if not todo:
+                return
+            executor, options = self.executor
+            workers, threads = budget(self.spec.runner.workers)
+            with executor_session(executor, options, workers, threads) as session:
+                if not session.local:
+                    # Each job trains one model from its start where it runs, on images it prepares itself;
+                    # the client stores what it returns (core/executor.py, docs/scale-out.md).
+                    tasks = [(self, job, label, session.threads) for job, label in zip(todo, labels)]
+                    for index, (contents, losses, seconds) in session.map(train_remotely, tasks):
+                        job = todo[index]
+                        if losses:
+                            progress(f"training {labels[index]}: loss {losses[-1]:.4f} after epoch {len(losses)}")
+                        self._store(job, contents, losses, seconds)
+                        shown.done(per_job)
+                    return
+            set_threads(available_cores())  # one process: every core of the run's budget (core/resources.py)
+            level, cases = object(), []
+            for job, label in zip(todo, labels):
                 if job.level != level:  # jobs come level by level: each level's images are perturbed once
                     preparing = time.monotonic()
                     level, cases = job.level, self._images(job)
                     shown.outside_units(time.monotonic() - preparing)
                 started = time.monotonic()
-                if self.gradient:
-                    contents, losses = self._train(job, cases, label, progress, shown)
-                else:
-                    contents = self.model.fit(cases, self.labels.astype(int), self.options,
-                                              _derived_seed(self.spec.study.seed, job.seed, "fit"))
-                    losses = []
-                    shown.done()
-                job.path.parent.mkdir(parents=True, exist_ok=True)
-                job.log.write_text(json.dumps({"training": self.name, "model": self.model.name, "severity":
-                                               self._severity_label(job), "reader": job.reader, "losses": losses,
-                                               "seconds": round(time.monotonic() - started, 1)}))
-                _save_atomically(contents, job.path)  # last: its existence means the model is finished
-                job.state.unlink(missing_ok=True)
+                contents, losses = self._model(job, cases, label, progress, shown)
+                self._store(job, contents, losses, time.monotonic() - started)
+
+    def _model(self, job: Job, cases: list, label: str, progress, shown: StageProgress) -> tuple:
+        """(checkpoint contents, losses per epoch) of one job, trained or fitted on `cases`."""
+        if self.gradient:
+            return self._train(job, cases, label, progress, shown)
+        contents = self.model.fit(cases, self.labels.astype(int), self.options,
+                                  _derived_seed(self.spec.study.seed, job.seed, "fit"))
+        shown.done()
+        return contents, []
+
+    def _store(self, job: Job, contents, losses: list, seconds: float) -> None:
+        job.path.parent.mkdir(parents=True, exist_ok=True)
+        job.log.write_text(json.dumps({"training": self.name, "model": self.model.name, "severity":
+                                       self._severity_label(job), "reader": job.reader, "losses": losses,
+                                       "seconds": round(seconds, 1)}))
+        _save_atomically(contents, job.path)  # last: its existence means the model is finished
+        job.state.unlink(missing_ok=True)
 
     def checkpoints(self) -> list[tuple[str, Path, str, int | None]]:
         """(reader, checkpoint path, cache key, severity level or None) of every model."""
@@ -213,8 +247,11 @@ class Training:
                 image = image_io.read_image(record, f"{self.where}.images.manifest")
                 pixels = torch.from_numpy(image.pixels.astype(np.float32))
                 if job.severity != 0:
-                    pixels = perturb_image(self.perturbation, self.perturbation_options, record, pixels, image,
-                                           job.severity, "training", self.spec.study.seed)
+                    # Perturbed on the training's device, kept on the CPU: a whole training set of
+                    # mammograms outgrows a GPU's memory; `_train` moves each batch there.
+                    pixels = perturb_image(self.perturbation, self.perturbation_options, record,
+                                           pixels.to(self.placement.device), image, job.severity, "training",
+                                           self.spec.study.seed).cpu()
                 views.append(ViewImage(record.view, record.laterality, pixels, image.pixel_spacing_mm,
                                        float(image.max_value), tuple(record.roi_boxes)))
             cases.append(CaseImages(case, tuple(views)))
@@ -224,22 +261,27 @@ class Training:
         import torch
 
         section = self.section
+        placement = self.placement
         torch.manual_seed(_derived_seed(self.spec.study.seed, job.seed, "init"))
+        # Initialised on the CPU, then moved: every device starts from the same weights.
         if section.init is not None:
-            network = self.model.load(self.init, self.options, "cpu")
+            network = self.model.load(self.init, self.options, "cpu").to(placement.device)
         else:
-            network = self.model.network(self.options)
+            network = self.model.network(self.options).to(placement.device)
         optimiser = torch.optim.Adam(network.parameters(), lr=section.learning_rate,
                                      weight_decay=section.weight_decay)
+        scaler = placement.grad_scaler()  # float16 only
         losses: list = []
         if job.state.exists():
             state = torch.load(job.state, map_location="cpu", weights_only=True)
             network.load_state_dict(state["network"])
-            optimiser.load_state_dict(state["optimiser"])
+            optimiser.load_state_dict(state["optimiser"])  # moves its state to the parameters' device
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             losses = list(state["losses"])
             progress(f"training {label}: resuming after epoch {len(losses)}")
             shown.total -= len(losses)  # epochs done by an earlier run are no work of this one
-        labels = torch.from_numpy(self.labels)
+        labels = torch.from_numpy(self.labels).to(placement.device)
         for epoch in range(len(losses), section.epochs):
             seed = _derived_seed(self.spec.study.seed, job.seed, f"epoch {epoch}")
             torch.manual_seed(seed)
@@ -248,21 +290,30 @@ class Training:
             total = 0.0
             for start in range(0, len(order), section.batch_size):
                 batch = order[start:start + section.batch_size]
-                loss = self.model.loss(network, [cases[i] for i in batch], labels[batch])
+                with placement.autocast():
+                    loss = self.model.loss(network, [_placed(cases[i], placement.device) for i in batch],
+                                           labels[batch])
                 if not torch.isfinite(loss):
                     raise PerceptcoreError(f"the training loss became {float(loss)} in epoch {epoch + 1} of "
                                            f"{label}; lower learning_rate", f"{self.where}.learning_rate")
                 optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+                if scaler is None:
+                    loss.backward()
+                    optimiser.step()
+                else:  # steps whose scaled gradients overflowed are skipped, and the scale lowered
+                    scaler.scale(loss).backward()
+                    scaler.step(optimiser)
+                    scaler.update()
                 total += float(loss.detach()) * len(batch)
             losses.append(total / len(order))
-            _save_atomically({"network": network.state_dict(), "optimiser": optimiser.state_dict(),
-                              "losses": losses}, job.state)
+            state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "losses": losses}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            _save_atomically(_on_cpu(state), job.state)
             shown.done()
         progress(f"training {label}: loss {losses[-1]:.4f} after epoch {len(losses)}")
         network.eval()
-        return self.model.checkpoint(network), losses
+        return _on_cpu(self.model.checkpoint(network)), losses  # CPU tensors: the checkpoint loads anywhere
 
 
 class TrainingLog:
@@ -293,10 +344,59 @@ def trainings_of(spec: Spec, registry: Registry) -> dict:
     return {t.name: Training(spec, registry, i) for i, t in enumerate(spec.training)}
 
 
+def train_remotely(task: tuple) -> tuple:
+    """One training job where the cache may be out of reach (a Dask worker): (checkpoint contents, losses,
+    seconds) for the client to store. The model is trained from its start on images the task prepares
+    itself; its epoch states go to a folder of its own and are gone with it, since a worker that dies
+    has its task run again from the start elsewhere."""
+    import tempfile
+
+    training, job, label, threads = task
+    set_threads(threads)
+    init = [training.init] if training.section.init is not None else []
+    missing_files(init + [p for r in training.manifest for p in (r.file, r.roi_mask)])
+    with tempfile.TemporaryDirectory(prefix="perceptcore-training-") as folder:
+        here = attrs.evolve(job, path=Path(folder) / job.path.name)
+        cases = training._images(here)
+        started = time.monotonic()
+        # A StageProgress that is never entered prints nothing; the client reports the job's progress.
+        contents, losses = training._model(here, cases, label, lambda message: None,
+                                           StageProgress(lambda message: None, label, training.section.epochs))
+        return contents, losses, time.monotonic() - started
+
+
 def _derived_seed(study_seed: int, reader_seed: int, purpose: str) -> int:
     # Not the training's name nor the severity: every severity's model of a reader starts from the
     # same initial weights and sees the same batches, so only the perturbation differs between them.
     return seed_of(study_seed, reader_seed, purpose)
+
+
+def _placed(case: CaseImages, device: str) -> CaseImages:
+    """A training case with its images on the training's device (on the CPU: the case itself)."""
+    if device == "cpu":
+        return case
+    return attrs.evolve(case, images=tuple(attrs.evolve(view, pixels=view.pixels.to(device)) for view in case.images))
+
+
+def _on_cpu(contents):
+    """Checkpoint or state contents with every tensor on the CPU; CPU tensors are returned as they are,
+    so a CPU training saves exactly what it saved before devices existed."""
+    import torch
+
+    if isinstance(contents, torch.Tensor):
+        return contents if contents.device.type == "cpu" else contents.cpu()
+    if isinstance(contents, dict):
+        moved = {key: _on_cpu(value) for key, value in contents.items()}
+        if all(moved[key] is value for key, value in contents.items()):
+            return contents
+        copy = type(contents)(moved)
+        if hasattr(contents, "_metadata"):  # a state dict's module versions, which load_state_dict reads
+            copy._metadata = contents._metadata
+        return copy
+    if isinstance(contents, (list, tuple)) and not hasattr(contents, "_fields"):
+        moved = [_on_cpu(value) for value in contents]
+        return contents if all(a is b for a, b in zip(moved, contents)) else type(contents)(moved)
+    return contents
 
 
 def _save_atomically(contents, path: Path) -> None:

@@ -115,8 +115,20 @@ class EchoCommand:
         return 0
 
 
+class InlineExecutor:
+    name = "inline_executor"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def start(self, options, workers, threads, where):
+        raise NotImplementedError  # registration only; tests/test_executors.py runs executors
+
+
 EXAMPLES = {
     "command": EchoCommand(),
+    "executor": InlineExecutor(),
     "perturbation": BoxBlur(),
     "model": ConstantModel(),
     "subgroups": HalfSplit(),
@@ -135,7 +147,7 @@ def _hook_for(kind, obj):
 
 def test_every_hook_spec_has_a_one_line_docstring_and_a_kind():
     specs = [name for name in dir(HookSpecs) if name.startswith("perceptcore_")]
-    assert len(specs) == 7
+    assert len(specs) == 8
     for name in specs:
         doc = inspect.getdoc(getattr(HookSpecs, name))
         assert doc, f"{name} has no docstring"

@@ -413,6 +413,9 @@ def normal_negatives(cases: list, labels: np.ndarray) -> list:
 class ChoReader:
     name = "cho_reader"
     Options = Options
+    # Closed form in float64 NumPy: autocast would change nothing, and a reader's calls are thresholds
+    # on small statistic differences that half precision would move, so asking for it is an error.
+    mixed_precision = False
 
     def fit(self, cases: list, labels: np.ndarray, options: Options, seed: int) -> dict:
         """The checkpoint of one reader: templates fitted on these cases, traits drawn from `seed`."""

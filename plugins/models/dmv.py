@@ -191,7 +191,9 @@ def arrange(case) -> dict:
         if slot in slots:
             raise PerceptcoreError(f"case {case.case!r} has two {slot} images ({slots[slot].view!r} and "
                                    f"{image.view!r}); DMV takes one image per breast and view", "images.manifest")
-        slots[slot] = image
+        # Windows are cut on the CPU (blank slots and heatmaps are CPU tensors); predict and loss move
+        # the finished windows to the network's device.
+        slots[slot] = image if image.pixels.device.type == "cpu" else attrs.evolve(image, pixels=image.pixels.cpu())
     if not slots:
         raise PerceptcoreError(f"case {case.case!r} has no images", "images.manifest")
     return slots

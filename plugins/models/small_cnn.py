@@ -76,14 +76,17 @@ class SmallCnn:
         return network.to(device).eval()
 
     def predict(self, loaded: SmallCnnNetwork, cases: list) -> np.ndarray:
-        return case_probabilities(loaded, cases).double().numpy()
+        return case_probabilities(loaded, cases).double().cpu().numpy()
 
     # Training (perceptcore train): binary cross-entropy of the case probabilities.
     def network(self, options: Options) -> SmallCnnNetwork:
         return SmallCnnNetwork(options)
 
     def loss(self, network: SmallCnnNetwork, cases: list, labels: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy(case_probabilities(network, cases).clamp(1e-7, 1 - 1e-7), labels)
+        probabilities = case_probabilities(network, cases).clamp(1e-7, 1 - 1e-7)
+        # In float32 outside autocast (mixed precision): CUDA's autocast refuses binary_cross_entropy.
+        with torch.autocast(probabilities.device.type, enabled=False):
+            return F.binary_cross_entropy(probabilities, labels.to(probabilities.device))
 
     def checkpoint(self, network: SmallCnnNetwork) -> dict:
         return network.state_dict()
@@ -96,8 +99,10 @@ def case_probabilities(network: SmallCnnNetwork, cases: list) -> torch.Tensor:
         for view in case.images:
             inputs.append(prepare(view.pixels, view.max_value, network.input_size))
             owner.append(i)
-    probabilities = torch.sigmoid(network(torch.stack(inputs)))
-    owner = torch.tensor(owner)
+    device = next(network.parameters()).device
+    # float32 logits: under mixed precision the head computes in half precision, the probabilities not.
+    probabilities = torch.sigmoid(network(torch.stack(inputs).to(device)).float())
+    owner = torch.tensor(owner, device=device)
     return torch.stack([probabilities[owner == i].mean() for i in range(len(cases))])
 
 

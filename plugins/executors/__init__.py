@@ -1,0 +1,1 @@
+"""Executors: where prediction units and training jobs run (this machine's processes, a Dask cluster)."""
