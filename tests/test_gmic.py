@@ -3,6 +3,9 @@ brute-force search, published-layout checkpoints, training, prediction and expla
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import attrs
 import numpy as np
 import pytest
@@ -213,6 +216,95 @@ def published_checkpoint(seed: int = 0) -> dict:
     state = {key: torch.rand(shape, generator=generator) + 0.5 for key, shape in published_key_shapes().items()}
     state["shared_rep_filter.weight"] = torch.rand(3, 5, generator=generator)  # unused extra, shape unknown
     return state
+
+
+def realistic_published_checkpoint(seed: int = 0) -> dict:
+    """A published-layout state dict with trained-looking values: convolutions and linear maps
+    drawn with variance 1/fan-in, batch-norm statistics and affine terms away from 0/1, so that
+    no output saturates (published_checkpoint's all-positive weights overflow through 20 layers)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in published_key_shapes().items():
+        channels = shape[0]
+        if key.endswith("running_mean") or key.endswith(".bias"):
+            state[key] = torch.rand(shape, generator=generator) * 0.2 - 0.1
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=generator) * 1.5 + 0.5
+        elif len(shape) == 1:  # BN weight
+            state[key] = torch.rand(channels, generator=generator) + 0.5
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            state[key] = torch.randn(shape, generator=generator) * (1 / fan_in) ** 0.5
+    state["shared_rep_filter.weight"] = torch.rand(3, 5, generator=generator)
+    return state
+
+
+def nyu_gmic():
+    """tests/nyu_gmic.py, the transcription of NYU's published forward pass (also the benchmark's yardstick)."""
+    spec = importlib.util.spec_from_file_location("nyu_gmic", Path(__file__).with_name("nyu_gmic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("options, cam, batch", [
+    (gmic.Options(), (46, 30), 1),  # the published size: 6 crops of 256 px, 4 x 4 cells each
+    # The published code needs a window of at least one cell, so 64 px crops here.
+    (attrs.evolve(SMALL, crop_size=64, num_crops=3, percent_t=0.1), (4, 3), 2),
+])
+def test_forward_is_bit_identical_to_nyus_published_code(tmp_path, options, cam, batch):
+    """A published-layout checkpoint loaded into ours and into the transcription of NYU's code
+    gives the same bits in every output, on the prediction path (inference mode: the
+    channels-last and separable max-pool path) and on the autograd path (default layout)."""
+    nyu = nyu_gmic()
+    state = realistic_published_checkpoint()
+    path = tmp_path / "sample_model_1.p"
+    torch.save(state, path)
+    ours = PLUGIN.load(path, options, "cpu")
+    theirs = nyu.NyuGmic(nyu.published_parameters(cam_size=cam, crop_shape=(options.crop_size,) * 2,
+                                                  K=options.num_crops, percent_t=options.percent_t)).eval()
+    result = theirs.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == ["shared_rep_filter.weight"] and not result.missing_keys
+    images = torch.randn(batch, 1, *options.input_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y_fusion = theirs(images)
+    assert ((y_fusion > 0.01) & (y_fusion < 0.99)).all()  # nothing saturated: every bit counts
+    expected = {"y_fusion": y_fusion, "saliency": theirs.saliency_map, "y_global": theirs.y_global,
+                "y_local": theirs.y_local, "attention": theirs.patch_attns,
+                "patch_locations": torch.from_numpy(theirs.patch_locations).to(torch.long)}
+    with torch.inference_mode():
+        fast = ours(images)
+    plain = ours(images)  # autograd records: the training-time path
+    for output in (fast, plain):
+        for name, value in expected.items():
+            assert torch.equal(getattr(output, name), value), name
+
+
+def test_the_fast_resnet22_path_is_bit_identical_for_dmv_too():
+    """DMV's columns (3 input channels, stem padding 0) at its CC window size: the prediction
+    path (which does take the channels-last layout) against the autograd path; and in training
+    mode no_grad changes nothing (batch statistics)."""
+    torch.manual_seed(2)
+    column = ResNet22(in_channels=3, first_padding=0).eval()
+    with torch.no_grad():
+        for module in column.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(1, 3, 2677, 1942, generator=torch.Generator().manual_seed(3))
+    layouts = []
+    hook = column.layer_list[0][0].conv1.register_forward_hook(
+        lambda _m, args, _out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.inference_mode():
+        fast = column(images)
+    assert layouts == [True] and fast.is_contiguous()
+    assert torch.equal(fast, column(images).detach())
+    hook.remove()
+    small = images[:, :, :300, :200].repeat(2, 1, 1, 1)
+    column.train()
+    with torch.no_grad():
+        without_graph = column(small)
+    assert torch.equal(without_graph, column(small).detach())
 
 
 def test_published_layout_checkpoint_loads(tmp_path):

@@ -154,14 +154,14 @@ def crop_patches(images: torch.Tensor, corners: torch.Tensor, size: int) -> torc
     """(N, H, W) images and (N, K, 2) upper-left pixels -> (N, K, size, size); any part past the
     bottom/right edge is filled with the image's minimum."""
     n, height, width = images.shape
-    patches = []
-    for image, image_corners in zip(images, corners.tolist()):
-        if max(r for r, _ in image_corners) + size > height or max(c for _, c in image_corners) + size > width:
-            padded = image.new_full((height + size, width + size), float(image.min()))
-            padded[:height, :width] = image
-            image = padded
-        patches.append(torch.stack([image[r:r + size, c:c + size] for r, c in image_corners]))
-    return torch.stack(patches)
+    patches = images.new_empty((n, corners.shape[1], size, size))
+    for image, image_corners, out in zip(images, corners.tolist(), patches):
+        for (r, c), patch in zip(image_corners, out):
+            inside = image[r:r + size, c:c + size]
+            if inside.shape != patch.shape:  # the part past the edge takes the image's minimum
+                patch.fill_(image.min())
+            patch[:inside.shape[0], :inside.shape[1]] = inside
+    return patches
 
 
 @attrs.frozen(eq=False)
@@ -217,7 +217,9 @@ class GmicNetwork(nn.Module):
         crops = crop_patches(images[:, 0], corners, self.options.crop_size)
         n, k, size, _ = crops.shape
         crop_features = self.dn_resnet(crops.reshape(n * k, 1, size, size).expand(-1, 3, -1, -1))
-        crop_features = crop_features.mean(dim=(2, 3)).view(n, k, -1)
+        # Rows, then columns, as published: one mean over both sums in another order, which
+        # changes the last bit on some sizes and CPUs.
+        crop_features = crop_features.mean(dim=2).mean(dim=2).view(n, k, -1)
         gate = torch.sigmoid(self.mil_attn_U(crop_features)) * torch.tanh(self.mil_attn_V(crop_features))
         attention = torch.softmax(self.mil_attn_w(gate).squeeze(2), dim=1)
         z = (attention[:, :, None] * crop_features).sum(dim=1)
@@ -337,7 +339,7 @@ class Gmic:
         """Per case: the mean over its images of y_fusion's chosen column (one image per forward, as published)."""
         column = CLASSES.index(loaded.options.output)
         per_case = [[] for _ in cases]
-        with torch.no_grad():
+        with torch.inference_mode():
             for index, _, image in _images(cases):
                 _, output = self._forward(loaded, image)
                 per_case[index].append(float(output.y_fusion[0, column]))
@@ -346,7 +348,7 @@ class Gmic:
     def explain(self, loaded: GmicNetwork, cases: list) -> list:
         """One ImageExplanation per image, cases in order, images in case order."""
         explanations = []
-        with torch.no_grad():
+        with torch.inference_mode():
             for _, case, image in _images(cases):
                 prepared, output = self._forward(loaded, image)
                 explanations.append(ImageExplanation(
@@ -375,10 +377,13 @@ class Gmic:
         output = network(torch.stack(images).to(device)[:, None])
         targets = torch.stack(targets).to(device=device, dtype=torch.float32)
         epsilon = 1e-6  # y_global is a mean of sigmoids; keep its log finite
-        return (F.binary_cross_entropy_with_logits(output.fusion_logits[:, column], targets)
-                + F.binary_cross_entropy(output.y_global[:, column].clamp(epsilon, 1 - epsilon), targets)
-                + F.binary_cross_entropy_with_logits(output.local_logits[:, column], targets)
-                + options.saliency_penalty * output.saliency[:, column].sum(dim=(1, 2)).mean())
+        # In float32 outside autocast (mixed precision): CUDA's autocast refuses binary_cross_entropy.
+        with torch.autocast(device.type, enabled=False):
+            y_global = output.y_global[:, column].float().clamp(epsilon, 1 - epsilon)
+            return (F.binary_cross_entropy_with_logits(output.fusion_logits[:, column].float(), targets)
+                    + F.binary_cross_entropy(y_global, targets)
+                    + F.binary_cross_entropy_with_logits(output.local_logits[:, column].float(), targets)
+                    + options.saliency_penalty * output.saliency[:, column].float().sum(dim=(1, 2)).mean())
 
 
 @hookimpl
