@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     backend = TorchBackend()
     for label, size in SIZES.items():
-        data, _ = simulate_study(np.random.default_rng(0), **size)
+        data, _ = simulate_study(np.random.default_rng(0), **size, by_class=True)  # the default model
         wall = {m: [] for m in args.methods}
         last = {}
         for seed in range(args.repeat):
