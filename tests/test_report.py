@@ -34,6 +34,7 @@ def make_study(observers=("radiologists", "dnn"), formats=("png",), report_html=
                                                           method="advi")
     return SimpleNamespace(
         spec=SimpleNamespace(study=SimpleNamespace(name="synthetic <study>"), fit_seed=7,
+                             model=SimpleNamespace(case_effects="by_class"),
                              severities=SimpleNamespace(unit="mm", perturbation="low-pass filtering"),
                              analyses=SimpleNamespace(margins=SimpleNamespace(gamma=0.5, ks=0.05)),
                              outputs=SimpleNamespace(figures=formats, report=report_html)),
@@ -338,6 +339,11 @@ def test_report_leads_with_the_answer(tmp_path):
 def test_banner_says_what_data_the_study_used(tmp_path):
     _, page = run(tmp_path)
     assert "<b>Published predictions.</b>" in page and "Synthetic" not in page
+    assert "case effects by class" in page  # which latent model, beside the backend and method
+    study = make_study()
+    study.spec.model.case_effects = "pooled"
+    _, page = run(tmp_path, study)
+    assert "case effects pooled" in page and "only about half on class separability" in page
     study = make_study()
     study.spec.dataset = SimpleNamespace(name="mammography_phantoms")
     study.spec.study.seed = 3

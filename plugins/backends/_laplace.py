@@ -45,6 +45,7 @@ QUADRATURE_NODES = 9  # Gauss-Hermite nodes per case integral: exact for polynom
 METROPOLIS_STEPS = 4  # independence-Metropolis steps per case effect draw (acceptance is above 90 %)
 PROPOSAL_SCALE = 1.1  # widen the proposal a little: importance sampling needs tails at least as heavy
 BATCH = 32  # psi draws evaluated at once
+PARETO_K_TRUSTED = 0.7  # above it importance sampling cannot correct the approximation (Vehtari et al.)
 
 
 GRID_POINTS = 128  # grid of the dense design's sum of softplus terms: interpolation error ~1e-5 nats in all
@@ -451,7 +452,10 @@ def sample_block(block: Block, draws: int, max_proposals: int, gen: torch.Genera
     """Importance-sampled draws of one block's psi, and exact conditional draws of its mu.
 
     Proposals come in rounds of `draws` (at least 1,000) until the importance ESS reaches half the
-    draws kept, or `max_proposals` have been weighed: a near-Gaussian block stops after one round.
+    draws kept and the Pareto k-hat is at most PARETO_K_TRUSTED, or `max_proposals` have been weighed:
+    a near-Gaussian block stops after one round. k-hat is estimated from the largest weights, so one
+    round's estimate is noisy; where it lands above the threshold, more proposals both sharpen the
+    estimate and fill the tail (a proposal that truly misses the posterior stays above it).
     store_mu(rows, mu): where the mu draws go, BATCH rows at a time (by default into the result's
     "mu", (draws, N)); a large block's draws need not be held twice.
     """
@@ -469,7 +473,7 @@ def sample_block(block: Block, draws: int, max_proposals: int, gen: torch.Genera
         return mu_hat - (offsets @ C) / d
 
     rounds, log_w = [], np.empty(0)
-    while not rounds or (ess < draws / 2 and len(log_w) < max_proposals):
+    while not rounds or ((ess < draws / 2 or khat > PARETO_K_TRUSTED) and len(log_w) < max_proposals):
         eps = torch.randn((max(draws, 1000), block.P), generator=gen, dtype=_DTYPE)
         # psi = psi_hat + scale * L^-T eps has covariance scale^2 * precision^-1.
         offsets = PROPOSAL_SCALE * torch.linalg.solve_triangular(chol.T, eps.T, upper=True).T

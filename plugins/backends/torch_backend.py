@@ -20,8 +20,7 @@ from perceptcore.plugins import hookimpl
 
 from . import _laplace
 from ._advi import fit_advi
-
-PARETO_K_TRUSTED = 0.7  # above it importance sampling cannot correct the approximation (Vehtari et al.)
+from ._laplace import PARETO_K_TRUSTED
 
 
 class TorchBackend:
@@ -59,7 +58,7 @@ def fit_laplace(data: LatentModelData, settings: FitSettings, progress: Callable
         f"Laplace approximation of each subgroup's shared parameters (b, gamma, nu) with the case effects "
         f"integrated out by {_laplace.QUADRATURE_NODES}-node adaptive Gauss-Hermite quadrature, corrected by "
         f"Pareto-smoothed importance sampling (proposals in rounds until the importance ESS reaches half the "
-        f"draws, at most {max_proposals} per subgroup), {settings.draws} draws kept by systematic resampling; "
+        f"draws and k-hat is at most {PARETO_K_TRUSTED}, at most {max_proposals} per subgroup), {settings.draws} draws kept by systematic resampling; "
         f"case effects then drawn from their exact conditionals. Judged by the Pareto k-hat of the importance "
         f"weights (at most {PARETO_K_TRUSTED}: the correction can be trusted): worst k-hat "
         f"{worst['pareto_k']:.2f} (subgroup {worst['group'] + 1} of {data.n_groups}), smallest importance ESS "
