@@ -165,7 +165,8 @@ def main() -> None:
         totals, ratios = [0.0, 0.0], []
         for wavelength in args.severities:
             radius = index_radius(wavelength, (height, width))
-            gaussian_lowpass.gaussian_mask.cache_clear()  # "cold": the mask and its extent built anew
+            gaussian_lowpass.gaussian_mask.cache_clear()  # "cold": the mask (or kernels) and its extent built anew
+            gaussian_lowpass.gaussian_kernels.cache_clear()
             _frequency.nonzero_columns.cache_clear()
             start = time.perf_counter()
             got = ours(wavelength)

@@ -16,7 +16,9 @@ Options:
   (the mean grey level is kept, since M = 1 at D = 0), clipped to [0, max_value].
 
 Computed with rfft2/irfft2 on the unshifted spectrum and a cached half-spectrum mask, which is
-exactly the published fftshift computation (see `_frequency`); in float64 for float64
+exactly the published fftshift computation (see `_frequency`); on CPU, since the mask is an outer
+product of two 1-D Gaussians, as a circular convolution of the rows and then of the columns with
+their inverse DFTs (the same filter; `_frequency.apply_separable_ducc`). In float64 for float64
 images, float32 otherwise (within 1 grey level of the float64 result on 12-bit mammograms).
 """
 
@@ -29,7 +31,12 @@ import torch
 
 from perceptcore.plugins import hookimpl
 
-from ._frequency import FourierFilter, rescale_option, signed_index, unit_option
+from ._frequency import FourierFilter, rescale_option, separable_kernels, signed_index, unit_option
+
+
+def gaussian_1d(n: int, length: int, radius: float, device) -> torch.Tensor:
+    """exp(-k(j)² / (2 radius²)) for j < length, float64: one factor of the separable mask."""
+    return torch.exp(signed_index(n, length, device) ** 2 / (-2.0 * radius * radius))
 
 
 @lru_cache(maxsize=8)
@@ -39,9 +46,17 @@ def gaussian_mask(height: int, width: int, radius: float, device: torch.device, 
     D² = k_row² + k_col², so the mask is the outer product of two 1-D Gaussians (equal to the
     direct formula to rounding, about 1e-16 relative); cheap to build for a new image size.
     """
-    rows = torch.exp(signed_index(height, height, device) ** 2 / (-2.0 * radius * radius))
-    cols = torch.exp(signed_index(width, width // 2 + 1, device) ** 2 / (-2.0 * radius * radius))
+    rows = gaussian_1d(height, height, radius, device)
+    cols = gaussian_1d(width, width // 2 + 1, radius, device)
     return (rows[:, None] * cols[None, :]).to(dtype)
+
+
+@lru_cache(maxsize=8)
+def gaussian_kernels(height: int, width: int, radius: float, dtype: torch.dtype):
+    """The (row, column) spatial kernels of the separable mask (`_frequency.separable_kernels`):
+    the inverse DFTs of the full-length 1-D Gaussians, a few KB each."""
+    cpu = torch.device("cpu")
+    return separable_kernels(gaussian_1d(height, height, radius, cpu), gaussian_1d(width, width, radius, cpu), dtype)
 
 
 class GaussianLowpass(FourierFilter):
@@ -55,6 +70,9 @@ class GaussianLowpass(FourierFilter):
 
     def mask(self, height, width, radius, device, dtype):
         return gaussian_mask(height, width, radius, device, dtype)
+
+    def separable(self, height, width, radius, dtype):
+        return gaussian_kernels(height, width, radius, dtype)
 
 
 @hookimpl
