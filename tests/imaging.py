@@ -80,3 +80,12 @@ def write_imaging_study(folder: Path, *, size: int = 96, batch_size: int = 4, wo
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def write_training_set(folder: Path) -> None:
+    """A learnable training set in `folder` (train/ beside a study): an imaging study of another seed
+    whose lesions are all malignant (a study's test set keeps benign look-alikes)."""
+    write_imaging_study(folder, seed=1)
+    cases = pd.read_csv(folder / "cases.csv")
+    cases.loc[cases.subgroup != "nonbiopsied", "label"] = "malignant"
+    cases.to_csv(folder / "cases.csv", index=False)

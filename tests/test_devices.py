@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from imaging import write_imaging_study
+from imaging import write_imaging_study, write_training_set
 from perceptcore import __version__
 from perceptcore.cli import main
 from perceptcore.devices import Placement, resolve
@@ -122,10 +122,7 @@ def test_validate_refuses_devices_before_any_work(study, capsys, overrides, mess
 
 def _training_spec(folder: Path, **training) -> Path:
     spec_path = write_imaging_study(folder)
-    write_imaging_study(folder / "train", seed=1)
-    train = pd.read_csv(folder / "train" / "cases.csv")
-    train.loc[train.subgroup != "nonbiopsied", "label"] = "malignant"  # learnable: every lesion malignant
-    train.to_csv(folder / "train" / "cases.csv", index=False)
+    write_training_set(folder / "train")
     spec = yaml.safe_load(spec_path.read_text())
     spec["training"] = [{"name": "cnn", "model": "small_cnn", "options": {"input_size": 32},
                          "images": {"manifest": "train/manifest.csv"}, "cases": {"file": "train/cases.csv"},

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import attrs
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
 
 import perceptcore.plugins
-from imaging import write_imaging_study
+from imaging import write_imaging_study, write_training_set
 from perceptcore.cli import main
 from perceptcore.errors import PerceptcoreError
 from perceptcore.plugins import hookimpl, load_registry
@@ -54,10 +53,7 @@ def _study(folder: Path, **changes) -> Path:
 def _training_study(folder: Path, **changes) -> Path:
     """Per-severity training (a model per severity) of one seed, whose models are the ROI observer."""
     spec = _study(folder)
-    write_imaging_study(folder / "train", seed=1)
-    train = pd.read_csv(folder / "train" / "cases.csv")
-    train.loc[train.subgroup != "nonbiopsied", "label"] = "malignant"
-    train.to_csv(folder / "train" / "cases.csv", index=False)
+    write_training_set(folder / "train")
     raw = yaml.safe_load(spec.read_text())
     raw["training"] = [{"name": "cnn_filtered", "model": "small_cnn", "options": {"input_size": 32},
                         "images": {"manifest": "train/manifest.csv"}, "cases": {"file": "train/cases.csv"},

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from imaging import SEVERITIES, write_imaging_study
+from imaging import SEVERITIES, write_imaging_study, write_training_set
 from perceptcore.cli import main
 from perceptcore.dataset import with_generated_data
 from perceptcore.errors import PerceptcoreError
@@ -35,11 +35,7 @@ def _training(name, **extra):
 
 def _study_with_training(folder: Path, **changes) -> Path:
     spec_path = write_imaging_study(folder)
-    write_imaging_study(folder / "train", seed=1)
-    # A learnable training set: every lesion is malignant (the test set keeps benign look-alikes).
-    train = pd.read_csv(folder / "train" / "cases.csv")
-    train.loc[train.subgroup != "nonbiopsied", "label"] = "malignant"
-    train.to_csv(folder / "train" / "cases.csv", index=False)
+    write_training_set(folder / "train")
     spec = yaml.safe_load(spec_path.read_text())
     spec["training"] = [_training("cnn_unfiltered"), _training("cnn_filtered", per_severity=True)]
     spec["observers"] = [spec["observers"][0], {"name": "cnn", "trained": "cnn_unfiltered"},
