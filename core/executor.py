@@ -20,7 +20,6 @@ does.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, ContextManager, Iterable, Iterator, Protocol, runtime_checkable
 
 from .spec import Spec, structure
@@ -66,13 +65,6 @@ def executor_of(spec: Spec, registry) -> tuple[Executor, object]:
     section = spec.runner.executor
     executor = registry.get("executor", section.name, f"{WHERE}.name")
     return executor, structure(executor.Options, section.options, f"{WHERE}.options")
-
-
-@contextlib.contextmanager
-def session(executor: Executor, options, workers: int, threads: int) -> Iterator[Session]:
-    """A started session of an executor (from `executor_of`), ended on leaving the context."""
-    with executor.start(options, workers, threads, WHERE) as started:
-        yield started
 
 
 def missing_files(paths: Iterable) -> None:

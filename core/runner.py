@@ -39,7 +39,7 @@ from . import images as image_io
 from .data import write_csv
 from .devices import Placement
 from .errors import PerceptcoreError
-from .executor import executor_of, missing_files, session as executor_session
+from .executor import WHERE as EXECUTOR, executor_of, missing_files
 from .perturbation import ImageBatch, restrict
 from .plugins import Registry
 from .resources import StageProgress, budget, exit_with_parent, set_threads, stage, worker_pool  # noqa: F401 (exit_with_parent: old home)
@@ -234,7 +234,8 @@ class ImageWork:
         with stage("predictions"), StageProgress(progress, what, len(todo)) as shown:
             if not todo:  # nothing to start an executor (a cluster) for
                 return
-            with executor_session(*self.executor, workers, self.threads) as session:
+            executor, options = self.executor
+            with executor.start(options, workers, self.threads, EXECUTOR) as session:
                 if session.local:  # the tasks see this machine's cache: each unit writes its own file
                     for _ in session.map(compute_unit, todo):
                         shown.done()

@@ -42,7 +42,7 @@ from . import images as image_io
 from .data import load_cases
 from .devices import Placement, check_mixed_precision
 from .errors import PerceptcoreError
-from .executor import executor_of, missing_files, session as executor_session
+from .executor import WHERE as EXECUTOR, executor_of, missing_files
 from .plugins import Registry
 from .resources import StageProgress, available_cores, budget, set_threads, stage
 from .runner import (CaseImages, FileDigests, ViewImage, core_digest, options_key, perturb_image, plugin_version,
@@ -172,7 +172,7 @@ class Training:
                 return
             executor, options = self.executor
             workers, threads = budget(self.spec.runner.workers)
-            with executor_session(executor, options, workers, threads) as session:
+            with executor.start(options, workers, threads, EXECUTOR) as session:
                 if not session.local:
                     # Each job trains one model from its start where it runs, on images it prepares itself;
                     # the client stores what it returns (core/executor.py, docs/scale-out.md).
