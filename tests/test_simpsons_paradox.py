@@ -124,31 +124,33 @@ def bounds(n: int, alpha: float, detection: float, risk: float = 0.005) -> tuple
 
 @pytest.mark.slow
 def test_error_rates_on_simulated_studies():
-    """The benchmark's two scenarios (benchmarks/simpsons_calibration.py) with fewer studies and negatives.
-    Separability is held to its false-flag claim only: it detects fewer than 80 % of the paradoxes (README)."""
+    """The benchmark's two scenarios (benchmarks/simpsons_calibration.py) with fewer studies and negatives:
+    both analyses held to both claims (false flags <= alpha, detections >= 80 %), under the default
+    by-class case effects (with pooled ones separability found about half of the paradoxes)."""
     backend = load_registry().get("backend", "torch", "test")
     method = "laplace" if "laplace" in backend.methods else "advi"
     analyses = AnalysesSection()
     sensitive, invariant = PUBLISHED_SUBGROUPS
     rng = np.random.default_rng(7)
-    false_flags, detections, wrong = {"predictive_confidence": 0, "bayesian_separability": 0}, 0, 0
+    analysed = ("predictive_confidence", "bayesian_separability")
+    false_flags, detections, wrong = ({a: 0 for a in analysed} for _ in range(3))
     for _ in range(STUDIES):
         for shared, gamma in ((True, {sensitive: ramp(-1.0), invariant: ramp(-1.0)}),
                               (False, {sensitive: ramp(-2.0), invariant: ramp(0.0)})):
             split, merged, positive, _ = simulate_subgroup_study(rng, gamma, n_others=100)
             settings = FitSettings(method=method, draws=1000, seed=int(rng.integers(2**31)))
             result = paradox_flags(backend, settings, split, merged, positive, analyses.alpha, analyses.margins)
-            flagged = {s: any(r["flagged"]) for s, r in result["predictive_confidence"].items()}
-            if shared:
-                for analysis, per_subgroup in result.items():
-                    false_flags[analysis] += any(any(r["flagged"]) for r in per_subgroup.values())
-            else:
-                detections += flagged[invariant]
-                wrong += flagged[sensitive]
+            for analysis, per_subgroup in result.items():
+                flagged = {s: any(r["flagged"]) for s, r in per_subgroup.items()}
+                if shared:
+                    false_flags[analysis] += any(flagged.values())
+                else:
+                    detections[analysis] += flagged[invariant]
+                    wrong[analysis] += flagged[sensitive]
     most, fewest = bounds(STUDIES, analyses.alpha, 0.8)
-    assert false_flags["predictive_confidence"] <= most and false_flags["bayesian_separability"] <= most
-    assert wrong <= most
-    assert detections >= fewest
+    for analysis in analysed:
+        assert false_flags[analysis] <= most and wrong[analysis] <= most, analysis
+        assert detections[analysis] >= fewest, (analysis, detections[analysis], fewest)
 
 
 class Study(SimpleNamespace):
