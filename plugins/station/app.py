@@ -179,21 +179,21 @@ def create_app(design: Design, renderer: Renderer | None = None) -> FastAPI:
         return _sign_in(token, tokens.is_admin(token), ADMIN_COOKIE, "/admin",
                         "This admin link is not valid for this study.")
 
-    @app.get("/")
-    def index(request: Request):
+    def signed_in_page(request: Request, who, name: str):
+        """The front end's page `name` for whoever `who(request)` accepts, else a page saying why."""
         try:
-            current_reader(request)
+            who(request)
         except HTTPException as exc:
             return _arrived_from_elsewhere(request, exc) or _page(exc.status_code, exc.detail)
-        return _static_page("index.html")
+        return _static_page(name)
+
+    @app.get("/")
+    def index(request: Request):
+        return signed_in_page(request, current_reader, "index.html")
 
     @app.get("/admin")
     def admin_page(request: Request):
-        try:
-            current_admin(request)
-        except HTTPException as exc:
-            return _arrived_from_elsewhere(request, exc) or _page(exc.status_code, exc.detail)
-        return _static_page("admin.html")
+        return signed_in_page(request, current_admin, "admin.html")
 
     # check_dir=False: the front end's files may be installed after the app is created.
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
