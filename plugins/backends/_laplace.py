@@ -4,9 +4,12 @@ Pareto-smoothed importance sampling.
 Why this shape. Every prediction involves the parameters of one subgroup only (its case's), and the
 priors are independent, so the posterior factorises over subgroups: each subgroup g is a block with
 one case effect mu[n] per case and 1 + (S - 1) + R shared parameters psi = (b[g], gamma[1:, g],
-nu[:, g]) (at most a few dozen). Given psi the cases are independent, so
+nu[:, g]), plus the class offset delta[g] under `by_class` case effects (at most a few dozen). Given
+psi the cases are independent, so
 
-    log p(psi, y) = log p(psi) + sum_n log integral p(y_n | mu, psi) N(mu; 0, sd_mu) dmu
+    log p(psi, y) = log p(psi) + sum_n log integral p(y_n | mu, psi) N(mu; m_n, sd_mu) dmu
+
+(m_n = delta[g] for a positive case under `by_class`, else 0)
 
 is a sum of one-dimensional integrals, each computed here by adaptive Gauss-Hermite quadrature to
 many digits. A Gaussian approximation of the low-dimensional p(psi | y), at its mode with the
@@ -61,7 +64,8 @@ def _chunks(n: int, per_case: int):
 class Block:
     """The cases of one subgroup, in the (psi, mu) form: index maps, prior precision, log densities.
 
-    psi = [b, gamma[1], ..., gamma[S-1], nu[0], ..., nu[R-1]] (this subgroup's).
+    psi = [b, gamma[1], ..., gamma[S-1], nu[0], ..., nu[R-1]] (this subgroup's), then delta under
+    `by_class` case effects.
     """
 
     def __init__(self, data):

@@ -55,7 +55,7 @@ def fit_laplace(data: LatentModelData, settings: FitSettings, progress: Callable
     trusted = bool(worst["pareto_k"] <= PARETO_K_TRUSTED)
     verdict = "trusted" if trusted else f"NOT to be trusted (k-hat above {PARETO_K_TRUSTED})"
     note = (
-        f"Laplace approximation of each subgroup's shared parameters (b, gamma, nu) with the case effects "
+        f"Laplace approximation of each subgroup's shared parameters (b, gamma, nu; delta with by-class case effects) with the case effects "
         f"integrated out by {_laplace.QUADRATURE_NODES}-node adaptive Gauss-Hermite quadrature, corrected by "
         f"Pareto-smoothed importance sampling (proposals in rounds until the importance ESS reaches half the "
         f"draws and k-hat is at most {PARETO_K_TRUSTED}, at most {max_proposals} per subgroup), {settings.draws} draws kept by systematic resampling; "
